@@ -1,0 +1,53 @@
+"""probe.py: the frozen features, the paper's head, top-k accuracy, and a head that must learn."""
+import pytest
+import torch
+
+import probe
+import vae
+
+
+def test_topk_accuracy_by_hand():
+    logits = torch.tensor([[0.1, 0.5, 0.4],    # label 1: top-1 hit
+                           [0.7, 0.2, 0.1],    # label 2: top-1 miss, top-2 miss
+                           [0.2, 0.3, 0.5]])   # label 1: top-1 miss, top-2 hit
+    y = torch.tensor([1, 2, 1])
+    assert probe.topk_accuracy(logits, y, 1) == pytest.approx(100 / 3)
+    assert probe.topk_accuracy(logits, y, 2) == pytest.approx(200 / 3)
+    assert probe.topk_accuracy(logits, y, 5) == 100.0   # k is capped at the number of classes
+
+
+def test_head_is_the_papers():
+    head = probe.make_head(latent_dim=128, num_classes=10)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "Tanh", "Linear", "BatchNorm1d", "ReLU"]
+    assert head[0].in_features == 128 and head[0].out_features == 32 and head[3].out_features == 10
+    assert head(torch.randn(7, 128)).shape == (7, 10)
+    assert (head(torch.randn(7, 128)) >= 0).all()             # the final ReLU
+
+
+def test_features_are_mu_of_a_frozen_encoder():
+    torch.manual_seed(0)
+    model = vae.VAE(latent_dim=16, image_size=32)
+    x = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    features = probe.extract_features(model, x, batch_size=4)
+    assert features.shape == (10, 16) and features.dtype == torch.float32
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    mu, _ = model.encode(x.float() / 255)
+    torch.testing.assert_close(features, mu, rtol=1e-4, atol=1e-5)   # batching does not change mu in eval mode
+
+
+def test_head_learns_separable_features():
+    torch.manual_seed(0)
+    num_classes, n = 5, 1000
+    y = torch.randint(0, num_classes, (n,))
+    centres = torch.randn(num_classes, 16) * 3
+    features = centres[y] + torch.randn(n, 16)                     # (N, D): five well-separated clouds
+    head = probe.make_head(16, num_classes)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    before = probe.evaluate(head, features, y)
+    for epoch in range(10):
+        probe.train_epoch(head, optimizer, features, y, 50, torch.Generator().manual_seed(epoch))
+    after = probe.evaluate(head, features, y)
+    # Chance is 20%. Not 100%: here the final ReLU kills one class's logit for good (top-1 stays at 77%).
+    assert before["top1"] < 40 and after["top1"] > 70 and after["top5"] == 100.0
+    assert after["loss"] < 0.5 * before["loss"]

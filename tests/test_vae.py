@@ -1,0 +1,91 @@
+"""vae.py: the ELBO's two terms against torch.distributions, gradients, shapes, and a batch it must overfit."""
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+import vae
+
+
+def test_kl_is_zero_at_the_prior():
+    mu, logvar = torch.zeros(4, 8), torch.zeros(4, 8)
+    assert torch.equal(vae.kl_divergence(mu, logvar), torch.zeros(4))
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(16, 128), torch.randn(16, 128)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1)  # (B,)
+    torch.testing.assert_close(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_recon_is_the_bernoulli_log_likelihood_of_the_clean_image(binary):
+    torch.manual_seed(0)
+    x_logits, x = torch.randn(3, 3, 8, 8) * 3, torch.rand(3, 3, 8, 8)
+    x = x.round() if binary else x
+    expected = Bernoulli(logits=x_logits, validate_args=False).log_prob(x).flatten(1).sum(1)
+    parts = vae.elbo(x_logits, x, torch.zeros(3, 4), torch.zeros(3, 4))
+    torch.testing.assert_close(parts.recon, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_loss_is_the_batch_mean_of_the_negative_elbo():
+    torch.manual_seed(0)
+    x_logits, x, mu, logvar = torch.randn(5, 3, 4, 4), torch.rand(5, 3, 4, 4), torch.randn(5, 6), torch.randn(5, 6)
+    for beta in (1.0, 0.25):
+        parts = vae.elbo(x_logits, x, mu, logvar, beta=beta)
+        torch.testing.assert_close(parts.loss, -(parts.recon - beta * parts.kl).mean())
+    assert vae.elbo(x_logits, x, mu, logvar, beta=0.25).loss < vae.elbo(x_logits, x, mu, logvar).loss
+
+
+def test_reparameterize_passes_gradients_to_mu_and_logvar():
+    torch.manual_seed(0)
+    model = vae.VAE(image_size=32)
+    mu = torch.randn(4, 128, requires_grad=True)
+    logvar = torch.randn(4, 128, requires_grad=True)
+    torch.manual_seed(1)
+    z = model.reparameterize(mu, logvar)
+    z.sum().backward()
+    torch.manual_seed(1)
+    eps = torch.randn(4, 128)
+    torch.testing.assert_close(mu.grad, torch.ones(4, 128))              # dz/dmu = 1
+    torch.testing.assert_close(logvar.grad, 0.5 * eps * torch.exp(0.5 * logvar.detach()))  # dz/dlogvar
+
+
+def test_gradients_reach_the_encoder():
+    torch.manual_seed(0)
+    model, x = vae.VAE(image_size=32), torch.rand(4, 3, 32, 32)
+    x_logits, mu, logvar = model(x)
+    vae.elbo(x_logits, x, mu, logvar).loss.backward()
+    for p in (model.encoder[0][0].weight, model.fc_mu.weight, model.fc_logvar.weight, model.to_logits.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_shapes(image_size):
+    model = vae.VAE(latent_dim=16, image_size=image_size)
+    x_logits, mu, logvar = model(torch.rand(2, 3, image_size, image_size))
+    assert x_logits.shape == (2, 3, image_size, image_size)
+    assert mu.shape == logvar.shape == (2, 16)
+    assert model.decode(torch.randn(5, 16)).shape == (5, 3, image_size, image_size)
+
+
+def test_image_size_must_survive_five_halvings():
+    with pytest.raises(AssertionError):
+        vae.VAE(image_size=48)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    blocks = torch.rand(16, 3, 4, 4).round()                               # binary 4x4 patterns ...
+    x = blocks.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)   # ... as (16, 3, 32, 32) images
+    model = vae.VAE(image_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        x_logits, mu, logvar = model(x)
+        loss = vae.elbo(x_logits, x, mu, logvar).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

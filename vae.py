@@ -1,0 +1,126 @@
+"""
+The variational autoencoder of stage 1, and its loss: the negative evidence lower bound (ELBO).
+
+The paper's whole idea is an asymmetry: the encoder sees an *augmented* image x_aug, the decoder must
+reconstruct the *clean* image x. What the encoder learns to keep is what survives the augmentation.
+
+    encode:          x_aug -> (mu, logvar)        q(z | x_aug) = N(mu, diag(exp(logvar)))
+    reparameterize:  z = mu + exp(logvar / 2) * eps,  eps ~ N(0, I)
+    decode:          z -> x_logits                p(x | z) = Bernoulli(sigmoid(x_logits)) per pixel
+    elbo:            log p(x | z) - beta * KL(q(z | x_aug) || N(0, I)),  beta = 1 is the true ELBO
+    KL in closed form (Kingma & Welling 2014, appendix B):
+                     KL = -1/2 * sum_d (1 + logvar_d - mu_d^2 - exp(logvar_d))
+
+Follows Rajagopalan (2021), "Learned Data Augmentation", section 3: five 3x3 stride-2 convolutions
+(32..512 channels, BatchNorm, ReLU), two linear heads for a 128-d latent, a mirrored transposed-conv decoder.
+What we chose: the likelihood is a Bernoulli over pixel intensities in [0, 1] (the decoder emits logits,
+x_hat = sigmoid(x_logits) is the reconstructed image); the decoder is an exact mirror of the encoder
+(five stride-2 transposed convolutions, the last one straight to 3 channels), rather than the common
+template's extra full-resolution layers. Called by main.py (stage 1); probe.py only uses `encode`.
+
+Axes: B batch, C channels, H/W height/width, D latent size.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ENCODER_CHANNELS = (32, 64, 128, 256, 512)  # the paper's five conv layers, section 3
+LATENT_DIM = 128                            # the paper's latent size
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+def conv_block(in_channels, out_channels):
+    """3x3 stride-2 convolution that halves H and W, then BatchNorm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def deconv_block(in_channels, out_channels):
+    """3x3 stride-2 transposed convolution that doubles H and W, then BatchNorm and ReLU."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class VAE(nn.Module):
+    def __init__(self, latent_dim=LATENT_DIM, image_size=64, channels=ENCODER_CHANNELS):
+        super().__init__()
+        num_halvings = len(channels)
+        assert image_size % 2 ** num_halvings == 0, f"image_size must be a multiple of {2 ** num_halvings}"
+        self.latent_dim = latent_dim
+        self.bottom_size = image_size // 2 ** num_halvings   # 2 at 64x64, 1 at 32x32
+        flat_dim = channels[-1] * self.bottom_size ** 2       # 2048 at 64x64
+        widths = (3,) + tuple(channels)                       # 3, 32, 64, ..., 512
+        self.encoder = nn.Sequential(*[conv_block(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.fc_mu = nn.Linear(flat_dim, latent_dim)          # two parallel heads on one feature
+        self.fc_logvar = nn.Linear(flat_dim, latent_dim)
+        self.fc_decode = nn.Linear(latent_dim, flat_dim)
+        up = widths[::-1]                                     # 512, 256, ..., 32, 3
+        self.decoder = nn.Sequential(*[deconv_block(a, b) for a, b in zip(up[:-2], up[1:-1])])
+        # The last layer maps to pixel logits: no BatchNorm or ReLU, the likelihood applies the sigmoid.
+        self.to_logits = nn.ConvTranspose2d(up[-2], up[-1], 3, stride=2, padding=1, output_padding=1)
+
+    def encode(self, x_aug):
+        """(B, 3, H, W) float in [0, 1] -> mu, logvar, each (B, D).
+
+        mu is the posterior mean; it, not a sample z, is the feature the probe (stage 2) reads."""
+        h = self.encoder(x_aug).flatten(1)          # (B, 512 * bottom_size**2)
+        return self.fc_mu(h), self.fc_logvar(h)     # (B, D), (B, D)
+
+    def reparameterize(self, mu, logvar):
+        """Sample z ~ N(mu, exp(logvar)) as a differentiable function of mu and logvar. (B, D) -> (B, D)"""
+        # The randomness lives in eps, which does not depend on the parameters, so gradients
+        # flow through mu and std into the encoder (Kingma & Welling 2014, section 2.4).
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + std * eps
+
+    def decode(self, z):
+        """(B, D) -> x_logits (B, 3, H, W); the reconstructed image is x_hat = sigmoid(x_logits) in [0, 1]."""
+        h = self.fc_decode(z)                                             # (B, 512 * bottom_size**2)
+        h = h.view(len(z), -1, self.bottom_size, self.bottom_size)        # (B, 512, bottom, bottom)
+        return self.to_logits(self.decoder(h))                            # (B, 3, H, W)
+
+    def forward(self, x_aug):
+        """(B, 3, H, W) augmented image -> (x_logits (B, 3, H, W), mu (B, D), logvar (B, D))."""
+        mu, logvar = self.encode(x_aug)
+        z = self.reparameterize(mu, logvar)          # (B, D)
+        return self.decode(z), mu, logvar
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+class ELBO(NamedTuple):
+    loss: torch.Tensor    # scalar: negative ELBO averaged over the batch (what we minimise)
+    recon: torch.Tensor   # (B,): log p(x | z) per image, summed over pixels (higher is better)
+    kl: torch.Tensor      # (B,): KL(q(z | x_aug) || N(0, I)) per image, summed over latent dims
+
+
+def kl_divergence(mu, logvar):
+    """Closed-form KL(N(mu, exp(logvar)) || N(0, I)), summed over D. (B, D) -> (B,)"""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def elbo(x_logits, x, mu, logvar, beta=1.0):
+    """The ELBO of a batch, with the *clean* image x as the target.
+
+    x_logits (B, 3, H, W) decoder output; x (B, 3, H, W) clean image in [0, 1]; mu, logvar (B, D).
+    recon = log Bernoulli(x | sigmoid(x_logits)) summed over pixels, i.e. minus the binary cross-entropy;
+    for intensities strictly between 0 and 1 this is the usual unnormalised Bernoulli VAE likelihood.
+    beta weighs the KL; beta = 1 is the ELBO itself. Any other value optimises a different objective
+    (beta-VAE). We could not inspect the paper's code; the widely copied PyTorch-VAE template (AntixK)
+    scales the KL by batch_size / dataset_size (about 0.003 for CIFAR-10), which makes the model nearly a
+    plain autoencoder. Computed in float32 even under autocast.
+    """
+    x_logits, mu, logvar = x_logits.float(), mu.float(), logvar.float()
+    bce = F.binary_cross_entropy_with_logits(x_logits, x.float(), reduction="none")  # (B, 3, H, W)
+    recon = -bce.flatten(1).sum(1)                                                  # (B,)
+    kl = kl_divergence(mu, logvar)                                                  # (B,)
+    loss = -(recon - beta * kl).mean()                                              # scalar
+    return ELBO(loss, recon, kl)
