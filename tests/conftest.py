@@ -1,0 +1,69 @@
+"""Fixtures shared by test_data.py and test_download.py: tiny data sets written in the official formats.
+
+The expected counts in data.py are the real formats' (50,000/10,000 and 100,000/10,000/200); each fixture
+monkeypatches them to its own tiny counts, so the loaders' count checks run for real on tiny data.
+"""
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+WNIDS = ["n02000003", "n02000001", "n02000002"]  # deliberately not sorted: class k is line k of wnids.txt
+VAL_CLASSES = {"val_0.JPEG": 2, "val_1.JPEG": 0, "val_2.JPEG": 1}  # labels disagree with file order on purpose
+
+
+def grey_level(k):
+    """Every pixel of a tiny Tiny ImageNet image of class k has this value, so a test can read the class back."""
+    return 50 + 80 * k
+
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    """<tmp>/cifar/cifar-10-batches-py with 5 train batches of 4 images and a test batch of 4.
+
+    Image i of the train split has R = i, G = 100 + i, B = 200 + i and label i % 10. Batches 1-3 are pickled with
+    bytes keys (as the official Python 2 files load), 4, 5 and test_batch with str keys."""
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{b}" for b in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(names):
+        index = np.arange(4 * b, 4 * b + 4)
+        rows = np.concatenate([np.repeat(index[:, None] + offset, 1024, axis=1) for offset in (0, 100, 200)], axis=1)
+        batch = {"data": rows.astype(np.uint8), "labels": [int(i % 10) for i in index]}
+        if b < 3:
+            batch = {key.encode(): value for key, value in batch.items()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    monkeypatch.setattr(data, "CIFAR10_COUNTS", (20, 4))
+    return tmp_path / "cifar"
+
+
+def write_image(path, k, grayscale=False):
+    """A 64x64 JPEG of class k (every pixel grey_level(k)), as RGB or as a one-channel grayscale file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    level = grey_level(k)
+    image = Image.new("L", (64, 64), level) if grayscale else Image.new("RGB", (64, 64), (level, level, level))
+    image.save(path, "JPEG")
+
+
+@pytest.fixture
+def tinyimagenet_dir(tmp_path, monkeypatch):
+    """<tmp>/tin/tiny-imagenet-200 in the official layout: 3 classes x 2 train images, 3 val images.
+
+    One train image and one val image are grayscale JPEGs; val labels come only from val_annotations.txt."""
+    root = tmp_path / "tin" / "tiny-imagenet-200"
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    for k, wnid in enumerate(WNIDS):
+        for i in range(2):
+            write_image(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", k, grayscale=(k, i) == (0, 1))
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")  # the official layout has these too
+    lines = [f"{name}\t{WNIDS[k]}\t0\t0\t63\t63" for name, k in sorted(VAL_CLASSES.items(), reverse=True)]
+    for name, k in VAL_CLASSES.items():
+        write_image(root / "val" / "images" / name, k, grayscale=name == "val_1.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(data, "TINYIMAGENET_COUNTS", (6, 3))
+    monkeypatch.setattr(data, "TINYIMAGENET_CLASSES", 3)
+    return tmp_path / "tin"

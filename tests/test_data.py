@@ -1,0 +1,153 @@
+"""Parsers on tiny files in the official formats, the Tiny ImageNet cache, the shapes set, and the split/resize/batch
+helpers. The tiny data sets come from conftest.py."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from conftest import VAL_CLASSES, WNIDS, grey_level, write_image
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def test_cifar10_layout_labels_and_both_key_styles(cifar_dir):
+    x_train, y_train, x_test, y_test = data.load_cifar10(cifar_dir)
+    assert x_train.shape == (20, 3, 32, 32) and x_test.shape == (4, 3, 32, 32)
+    assert x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    index = torch.arange(20)
+    assert torch.equal(y_train, index % 10)  # batches 1-3 have bytes keys, 4-5 str keys: all in order
+    for channel, offset in enumerate((0, 100, 200)):  # each row is the R plane, then G, then B
+        assert torch.equal(x_train[:, channel].amin((1, 2)), (index + offset).to(torch.uint8))
+        assert torch.equal(x_train[:, channel].amax((1, 2)), (index + offset).to(torch.uint8))
+    assert torch.equal(x_test[:, 0, 0, 0], torch.arange(20, 24).to(torch.uint8))
+
+
+def test_cifar10_missing_batch_file_is_named(cifar_dir):
+    os.remove(cifar_dir / "cifar-10-batches-py" / "data_batch_3")
+    with pytest.raises(data.DataError, match="data_batch_3 is missing"):
+        data.load_cifar10(cifar_dir)
+
+
+def test_cifar10_truncated_pickle_is_named(cifar_dir):
+    path = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(data.DataError, match="test_batch is truncated"):
+        data.load_cifar10(cifar_dir)
+
+
+def test_cifar10_wrong_count_says_what_and_where(cifar_dir, monkeypatch):
+    monkeypatch.setattr(data, "CIFAR10_COUNTS", (50_000, 10_000))  # the real format's numbers
+    with pytest.raises(data.DataError, match=r"train images in .*data_batch_1\.\.5: found 20, .* promises 50,000"):
+        data.load_cifar10(cifar_dir)
+
+
+# ---------------------------------------------------------------- Tiny ImageNet
+
+def test_tinyimagenet_labels_follow_wnids_and_annotations(tinyimagenet_dir):
+    x_train, y_train, x_test, y_test = data.load_tinyimagenet(tinyimagenet_dir)
+    assert x_train.shape == (6, 3, 64, 64) and x_test.shape == (3, 3, 64, 64)  # grayscale JPEGs became RGB
+    assert x_train.dtype == torch.uint8 and y_test.dtype == torch.int64
+    assert y_train.tolist() == [0, 0, 1, 1, 2, 2]  # wnids.txt order, not sorted wnid order
+    for x, y in ((x_train, y_train), (x_test, y_test)):  # every image carries its class as its grey level
+        levels = torch.tensor([grey_level(k) for k in y.tolist()], dtype=torch.float)
+        assert (x.float().mean((1, 2, 3)) - levels).abs().max() < 3
+    assert sorted(y_test.tolist()) == sorted(VAL_CLASSES.values())
+    assert y_test.tolist() != list(VAL_CLASSES.values())  # annotation order differs from file order
+
+
+def test_tinyimagenet_unknown_wnid_in_annotations(tinyimagenet_dir):
+    annotations = tinyimagenet_dir / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text() + "val_9.JPEG\tn09999999\t0\t0\t63\t63\n")
+    with pytest.raises(data.DataError, match="line 4 names class .n09999999., which is not in wnids.txt"):
+        data.load_tinyimagenet(tinyimagenet_dir)
+
+
+def test_tinyimagenet_class_folder_without_images(tinyimagenet_dir):
+    for path in (tinyimagenet_dir / "tiny-imagenet-200" / "train" / WNIDS[1] / "images").iterdir():
+        path.unlink()
+    with pytest.raises(data.DataError, match=f"{WNIDS[1]}/images has no .JPEG images"):
+        data.load_tinyimagenet(tinyimagenet_dir)
+
+
+def test_tinyimagenet_cache_built_reused_and_rebuilt(tinyimagenet_dir, monkeypatch):
+    root = tinyimagenet_dir / "tiny-imagenet-200"
+    first = data.load_tinyimagenet(tinyimagenet_dir)
+    assert (root / data.TINYIMAGENET_CACHE).exists()
+    decode = data._decode_images
+    calls = []
+    monkeypatch.setattr(data, "_decode_images", lambda files: calls.append(files) or decode(files))
+    second = data.load_tinyimagenet(tinyimagenet_dir)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(first, second))
+    write_image(root / "val" / "images" / "val_0.JPEG", 0)  # rewrite one file with another grey level
+    third = data.load_tinyimagenet(tinyimagenet_dir)
+    assert len(calls) == 1 and not torch.equal(first[2], third[2])
+    assert not list(root.glob("*.part"))
+
+
+# ---------------------------------------------------------------- shapes
+
+def test_shapes_deterministic_balanced_and_coloured_by_label():
+    x_train, y_train, x_test, y_test = data.load_shapes(None)
+    assert x_train.shape == (data.SHAPES_COUNTS[0], 3, 32, 32) and x_test.shape == (data.SHAPES_COUNTS[1], 3, 32, 32)
+    assert x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    assert y_train.bincount().min() > 0.8 * len(y_train) / 9 and y_train.max() == 8
+    assert torch.equal(data.load_shapes(None)[0], x_train)  # same seed, same set
+    brightest = x_train.flatten(2).amax(2).argmax(1)  # (N,) the channel of the brightest pixel: the shape's hue
+    assert (brightest == y_train % 3).float().mean() > 0.95  # hue = label % 3: red, green, blue
+
+
+# ---------------------------------------------------------------- splitting, resizing, batching
+
+def test_split_validation_sizes_disjoint_deterministic_and_limited():
+    x, y = torch.arange(100).view(100, 1, 1, 1), torch.arange(100) // 10  # class-sorted, like Tiny ImageNet
+    x_train, y_train, x_val, y_val = data.split_validation(x, y, val_fraction=0.2)
+    assert len(x_train) == 80 and len(x_val) == 20
+    assert set(x_train.flatten().tolist()).isdisjoint(x_val.flatten().tolist())
+    assert torch.equal(y_train, x_train.flatten() // 10)  # images and labels stay paired
+    assert torch.equal(data.split_validation(x, y, val_fraction=0.2)[0], x_train)
+    small = data.split_validation(x, y, val_fraction=0.2, limit=30)
+    assert len(small[0]) == 24 and len(small[2]) == 6 and len(set(small[1].tolist())) > 3  # not one class
+    assert torch.equal(small[0].flatten(), x_train.flatten()[:24])  # the first 24 of the same permutation
+
+
+def test_resize_identity_upsampling_and_antialias():
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert data.resize(x, 32) is x
+    constant = torch.full((2, 3, 32, 32), 77, dtype=torch.uint8)
+    assert torch.equal(data.resize(constant, 64), torch.full((2, 3, 64, 64), 77, dtype=torch.uint8))
+    stripes = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    stripes[..., ::4] = 255  # one bright column in four: a plain bilinear 4x shrink samples only the dark ones
+    small = data.resize(stripes, 16)
+    assert small.shape == (1, 3, 16, 16) and small.dtype == torch.uint8
+    assert 55 < small.float().mean() < 75  # antialiased: about the true average 255 / 4
+
+
+def test_resize_in_chunks_matches_float_bilinear(monkeypatch):
+    x = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    whole = data.resize(x, 64)
+    monkeypatch.setattr(data, "RESIZE_CHUNK", 3)
+    assert torch.equal(data.resize(x, 64), whole)
+    reference = F.interpolate(x.float(), size=(64, 64), mode="bilinear", align_corners=False).round()
+    assert (whole.float() - reference).abs().max() <= 1  # the CPU's uint8 kernel rounds on its own
+    on_meta = data.resize(x.to("meta"), 64)  # the float branch used off the CPU (shapes only: no GPU in CI)
+    assert on_meta.shape == (7, 3, 64, 64) and on_meta.dtype == torch.uint8
+
+
+def test_shuffled_batches_drop_last_and_reshuffle():
+    x, y = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8), torch.arange(10)
+    generator = torch.Generator().manual_seed(0)
+    first = list(data.shuffled_batches(x, y, 4, generator))
+    assert [len(xb) for xb, yb in first] == [4, 4]  # 10 images: the last 2 are dropped
+    assert all(torch.equal(xb.flatten().long(), yb) for xb, yb in first)
+    assert len(set(torch.cat([yb for _, yb in first]).tolist())) == 8
+    second = list(data.shuffled_batches(x, y, 4, generator))
+    assert not torch.equal(torch.cat([yb for _, yb in first]), torch.cat([yb for _, yb in second]))
+
+
+def test_to_float_range_and_loaders():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert torch.equal(data.to_float(x), torch.tensor([0.0, 0.2, 1.0]).view(1, 3, 1, 1))
+    assert set(data.LOADERS) == {"cifar10", "tinyimagenet", "shapes"}
+
