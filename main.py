@@ -98,6 +98,9 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or f"runs/{args.dataset}-{args.aug}-seed{args.seed}"
+    saved = Path(args.out) / "args.json"
+    if args.resume and saved.exists():     # continue with the settings the run was started with
+        args = argparse.Namespace(**{**json.loads(saved.read_text()), "resume": True, "device": args.device})
     check_args(args)
     return args
 
@@ -129,6 +132,8 @@ def pick_device(name):
         fail("--device cuda was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         fail(f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # shapes never change: let cuDNN time and pick its kernels once
     return device
 
 
@@ -164,7 +169,7 @@ def tune_allocator():
 # Data, run folder and checkpoints
 
 
-def load_data(args, device):
+def load_data(args, device, amp):
     """Load, split off validation, resize once, move to the device: uint8 (N, 3, S, S), int64 (N,)."""
     x_train, y_train, x_test, y_test = data.LOADERS[args.dataset](args.data_dir)
     if args.limit is not None and args.limit > len(x_train):
@@ -175,6 +180,8 @@ def load_data(args, device):
     splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: (data.resize(x, args.image_size).to(device), y.to(device)) for k, (x, y) in splits.items()}
     num_classes = int(max(y_train.max(), y_test.max())) + 1
+    print(f"{args.dataset}: {len(x_train)} train, {len(x_val)} val, {len(x_test)} test images at "
+          f"{args.image_size}x{args.image_size}, {num_classes} classes; {device}, {'bf16' if amp else 'fp32'}", flush=True)
     return splits, num_classes
 
 
@@ -221,6 +228,16 @@ def load_checkpoint(path):
              f"delete it to redo that stage, or start over with --overwrite")
 
 
+def peak_memory_mb():
+    """Peak resident memory of this process so far (Unix; NaN elsewhere), to show that it does not grow."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -235,16 +252,32 @@ def set_rng_state(state):
 # Stage 1: learn the augmentation
 
 
+def train_step(model, optimizer, x_uint8, augment_fn, aug_rng, args, amp):
+    """One step of stage 1, the paper's idea in two lines: augmented in, clean out. -> [loss, recon, kl]"""
+    x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W) float in [0, 1]
+    x_aug = augment_fn(x, args.strength, aug_rng)                             # (B, 3, H, W) float in [0, 1]
+    with autocast(x.device, amp):
+        x_logits, mu, logvar = model(x_aug)
+    parts = vae.elbo(x_logits, x, mu, logvar, args.beta)
+    optimizer.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    optimizer.step()
+    return torch.stack([parts.loss.detach(), parts.recon.mean(), parts.kl.mean()]).tolist()  # one sync
+
+
+def autocast(device, amp):
+    """bf16 autocast when `amp` is set; a no-op context for plain fp32."""
+    return torch.autocast(device.type, amp or torch.float32, enabled=amp is not None)
+
+
 def train_vae(name, splits, args, device, amp, run_dir):
-    """Train a VAE on (augment(x) -> x) with the negative ELBO; resumable from its checkpoint."""
+    """Stage 1: train a VAE on (augment(x) -> x); checkpointed every epoch and on a signal, resumable."""
     torch.manual_seed(args.seed)      # both VAEs start from the same weights: a controlled comparison
     model = vae.VAE(args.latent_dim, args.image_size).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    batch_rng, aug_rng = torch.Generator(), torch.Generator()
-    batch_rng.manual_seed(args.seed), aug_rng.manual_seed(args.seed + 1)
-    augment_fn = augment.AUGMENTATIONS[name]
-    (x_train, y_train), n = splits["train"], len(splits["train"][0])
-    steps = n // args.batch_size
+    batch_rng, aug_rng = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
+    x_train, y_train = splits["train"]
+    steps = len(x_train) // args.batch_size
     st = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0, "sums": [0.0, 0.0, 0.0]}
     path = run_dir / f"checkpoint-{name}-vae.pt"
     if path.exists():
@@ -254,8 +287,7 @@ def train_vae(name, splits, args, device, amp, run_dir):
     save = lambda: save_checkpoint(path, {**st, "model": model.state_dict(), "optimizer": optimizer.state_dict(),  # noqa: E731
                                           "batch_rng": batch_rng.get_state(), "aug_rng": aug_rng.get_state(),
                                           "rng": rng_state()})
-    t_last = t_start = time.perf_counter()
-    seconds_before, steps_done = st["seconds"], 0
+    clock = Progress(f"stage 1 [{name}]", args, steps, st)
     while st["epoch"] < args.epochs:
         if st["step"] == 0:
             st["epoch_rng"] = batch_rng.get_state()    # the epoch's batch order, kept for a mid-epoch resume
@@ -264,48 +296,53 @@ def train_vae(name, splits, args, device, amp, run_dir):
         model.train()
         for step, (x_uint8, _) in enumerate(data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng)):
             if step < st["step"]:
-                continue                                            # resuming in the middle of an epoch
-            x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W) in [0, 1]
-            x_aug = augment_fn(x, args.strength, aug_rng)           # (B, 3, H, W): augmented in ...
-            with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
-                x_logits, mu, logvar = model(x_aug)
-            parts = vae.elbo(x_logits, x, mu, logvar, args.beta)    # ... clean out
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            optimizer.step()
-            loss = parts.loss.item()
-            if not math.isfinite(loss):
-                fail(f"stage 1 ({name}) diverged: the loss is {loss} at epoch {st['epoch'] + 1}, step {step + 1}. "
+                continue                               # resuming mid-epoch: skip the steps already taken
+            values = train_step(model, optimizer, x_uint8, augment.AUGMENTATIONS[name], aug_rng, args, amp)
+            if not math.isfinite(values[0]):
+                fail(f"stage 1 ({name}) diverged: the loss is {values[0]} at epoch {st['epoch'] + 1}, step {step + 1}. "
                      f"The last good checkpoint is kept in {run_dir}; try a lower --lr or --precision fp32", 3)
-            for i, v in enumerate((loss, parts.recon.mean().item(), parts.kl.mean().item())):
-                st["sums"][i] += v
-            st["step"], steps_done = step + 1, steps_done + 1
-            st["seconds"] = seconds_before + time.perf_counter() - t_start
-            if time.perf_counter() - t_last >= args.log_every or STOP.is_set():
-                t_last = time.perf_counter()
-                left = (args.epochs - st["epoch"]) * steps - st["step"]
-                rate = steps_done * args.batch_size / (t_last - t_start)
-                print(f"stage 1 [{name}] epoch {st['epoch'] + 1}/{args.epochs} step {st['step']}/{steps} "
-                      f"loss {loss:.1f} = -recon {-st['sums'][1] / st['step']:.1f} + kl {st['sums'][2] / st['step']:.1f} "
-                      f"| {rate:.0f} img/s | ETA {left * args.batch_size / rate / 60:.1f} min", flush=True)
+            st["sums"] = [a + b for a, b in zip(st["sums"], values)]
+            st["step"] += 1
+            clock.tick(values[0])
             if STOP.is_set():
                 save()
                 raise Interrupted
-        epoch_metrics = {f"train_{k}": v / steps for k, v in zip(("loss", "recon", "kl"), st["sums"])}
-        val = evaluate_vae(model, splits["val"][0][:VAL_IMAGES], augment_fn, args, amp)
-        st["history"].append({"run": name, "stage": "vae", "epoch": st["epoch"] + 1, **epoch_metrics, **val})
+        row = {f"train_{k}": v / steps for k, v in zip(("loss", "recon", "kl"), st["sums"])}
+        row.update(evaluate_vae(model, splits["val"][0][:VAL_IMAGES], augment.AUGMENTATIONS[args.aug], args, amp))
+        st["history"].append({"run": name, "stage": "vae", "epoch": st["epoch"] + 1, **row})
         st.update(epoch=st["epoch"] + 1, step=0, sums=[0.0, 0.0, 0.0])
         save()
-        print(f"stage 1 [{name}] epoch {st['epoch']}/{args.epochs} done: train loss {epoch_metrics['train_loss']:.1f}, "
-              f"val loss {val['val_loss_clean']:.1f} (clean in) {val['val_loss_aug']:.1f} (augmented in)", flush=True)
-    stats = {"vae_seconds": st["seconds"], "vae_images_per_s": args.epochs * steps * args.batch_size / st["seconds"]}
-    return model, st["history"], stats
+        print(f"stage 1 [{name}] epoch {st['epoch']}/{args.epochs} done: train loss {row['train_loss']:.1f}, val loss "
+              f"{row['val_loss_clean']:.1f} from clean, {row['val_loss_aug']:.1f} from augmented input; "
+              f"peak memory {peak_memory_mb():.0f} MB", flush=True)
+    return model, st["history"], {"vae_seconds": st["seconds"],
+                                  "vae_images_per_s": args.epochs * steps * args.batch_size / st["seconds"]}
+
+
+class Progress:
+    """Adds up stage-1 seconds in the checkpointed state and prints a line every --log-every seconds."""
+
+    def __init__(self, title, args, steps, st):
+        self.title, self.args, self.steps, self.st = title, args, steps, st
+        self.start = self.last = time.perf_counter()
+        self.seconds_before, self.done = st["seconds"], 0
+
+    def tick(self, loss):
+        st, args, now = self.st, self.args, time.perf_counter()
+        st["seconds"], self.done = self.seconds_before + now - self.start, self.done + 1
+        if now - self.last < args.log_every and not STOP.is_set():
+            return
+        self.last, rate = now, self.done * args.batch_size / (now - self.start)
+        left = (args.epochs - st["epoch"]) * self.steps - st["step"]
+        print(f"{self.title} epoch {st['epoch'] + 1}/{args.epochs} step {st['step']}/{self.steps} loss {loss:.1f}"
+              f" = -recon {-st['sums'][1] / st['step']:.1f} + kl {st['sums'][2] / st['step']:.1f} | "
+              f"{rate:.0f} img/s | ETA {left * args.batch_size / rate / 60:.1f} min", flush=True)
 
 
 @torch.no_grad()
 def evaluate_vae(model, x_uint8, augment_fn, args, amp):
-    """Validation -ELBO and per-pixel squared error of sigmoid(decode(mu)) against the clean x,
-    from clean and from augmented inputs (a fixed augmentation seed, so epochs are comparable)."""
+    """-ELBO and per-pixel squared error of sigmoid(decode(mu)) against the clean x, from clean inputs and
+    from inputs augmented with --aug (for the baseline too; a fixed seed, so epochs are comparable)."""
     model.eval()
     x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)   # (N, 3, H, W) in [0, 1]
     fixed = torch.Generator().manual_seed(12345)
@@ -321,7 +358,7 @@ def evaluate_vae(model, x_uint8, augment_fn, args, amp):
 def reconstruct(model, x_in, amp):
     """Deterministic reconstruction in eval mode: decode(mu), no sampling. -> float32 x_logits, mu, logvar"""
     model.eval()
-    with torch.autocast(x_in.device.type, amp or torch.float32, enabled=amp is not None):
+    with autocast(x_in.device, amp):
         mu, logvar = model.encode(x_in.contiguous(memory_format=torch.channels_last))
         x_logits = model.decode(mu)                                              # (N, 3, H, W)
     return x_logits.float(), mu.float(), logvar.float()
@@ -446,9 +483,6 @@ def report(args, run_dir, runs, histories, models, splits, device, amp, wall_sec
 def main(argv=None):
     t0 = time.perf_counter()
     args = parse_args(argv)
-    if args.resume:                        # continue with the settings the run was started with
-        saved = json.loads((Path(args.out) / "args.json").read_text()) if (Path(args.out) / "args.json").exists() else {}
-        args = argparse.Namespace(**{**vars(args), **saved, "resume": True, "device": args.device})
     tune_allocator()
     device = pick_device(args.device)
     amp = pick_precision(args.precision, device)
@@ -456,16 +490,13 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
     try:
-        splits, num_classes = load_data(args, device)
-        print(f"{args.dataset}: {len(splits['train'][0])} train, {len(splits['val'][0])} val, "
-              f"{len(splits['test'][0])} test images at {args.image_size}x{args.image_size}, {num_classes} classes; "
-              f"device {device}, {'bf16' if amp else 'fp32'}", flush=True)
+        splits, num_classes = load_data(args, device, amp)
         runs, histories, models = {}, {}, {}
         for name in dict.fromkeys(("none", args.aug)):       # the baseline first, then --aug
             model, vae_history, vae_stats = train_vae(name, splits, args, device, amp, run_dir)
             head, probe_history, probe_stats = train_probe(name, model, splits, num_classes, args, device, amp, run_dir)
-            recon = evaluate_vae(model, splits["test"][0][:VAL_IMAGES], augment.AUGMENTATIONS[args.aug], args, amp)
-            runs[name] = {**probe_stats, **vae_stats, "mse_clean": recon["mse_clean"], "mse_aug": recon["mse_aug"]}
+            test = evaluate_vae(model, splits["test"][0][:VAL_IMAGES], augment.AUGMENTATIONS[args.aug], args, amp)
+            runs[name] = {**probe_stats, **vae_stats, "mse_clean": test["mse_clean"], "mse_aug": test["mse_aug"]}
             histories[name], models[name] = vae_history + probe_history, model
             torch.save(model.state_dict(), run_dir / f"vae-{name}.pt")
             torch.save(head.state_dict(), run_dir / f"probe-{name}.pt")
