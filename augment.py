@@ -1,0 +1,227 @@
+"""Random image augmentations: the corrupted view x_aug that the VAE sees while it must reconstruct the clean x.
+
+Each augmentation maps a float batch x in [0, 1] to a new batch x_aug = T_theta(x), drawing its own parameters
+theta for every image (shape (B,)), so one batch mixes many corruptions. Geometric ones sample the input through
+one affine map per image:  x_aug(p) = x(A p + t),  p in normalised coordinates [-1, 1]^2 (bilinear).
+  crop / center-crop:  A = s * I, t = box centre  (a box of side s is stretched to the full image: a zoom-in)
+  rotate:              A = rotation by the angle, corrected for the aspect ratio, t = 0
+Colour ones act per pixel:  brightness_contrast  x_aug = b * (m + c * (x - m)),  m = the image's mean;
+  hue_saturation  (h, s, v) = hsv(x),  h <- (h + shift) mod 1,  s <- min(s * f, 1),  x_aug = rgb(h, s, v).
+Paper: the augmentations applied to the VAE's input in Rajagopalan (2021), "Learned Data Augmentation".
+What we chose: the magnitudes (constants below), square crop boxes (no aspect-ratio draw), reflection padding,
+a sampling grid built by broadcasting (F.affine_grid's values, faster on CPU), and `strength`, which scales
+every range linearly so that strength 0 is the identity and 1 the defaults.
+Everything is batched tensor arithmetic on x.device: no loop over images, and the input is never written.
+Called by main.py through the AUGMENTATIONS dict, once per training batch: x_aug = AUGMENTATIONS[name](x).
+
+Axes: B batch, C channels (3, RGB), H/W height/width.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# crop keeps 50-100% of the side (25-100% of the area); torchvision's default lower bound, 8% of the area,
+# would leave a 9x9 patch of a 32x32 CIFAR image.
+CROP_MIN_SCALE = 0.5
+CENTER_CROP_MIN_SCALE = 0.5  # zoom into the centre by up to 2x: the object stays, much of the background goes
+ROTATE_DEGREES = 30.0  # +-30 degrees: clearly tilted, still upright enough to recognise
+BRIGHTNESS = 0.4  # factors in [0.6, 1.4]: SimCLR's colour jitter at its CIFAR-10 strength 0.5 (Chen et al. 2020, B.9)
+CONTRAST = 0.4  # factors in [0.6, 1.4], same source
+SATURATION = 0.4  # factors in [0.6, 1.4], same source
+HUE_SHIFT = 0.1  # shift up to +-0.1 of the colour wheel (+-36 degrees), same source
+# Pixels that a rotation or zoom pulls from outside the image mirror the border instead of turning black:
+# black wedges would be an easy, unnatural cue that the decoder must learn to paint over.
+PADDING_MODE = "reflection"
+
+# ----------------------------------------------------------------------------- random parameters
+
+
+def uniform(x, low, high, generator=None):
+    """One number per image, uniform in [low, high): shape (B,), on x's device and dtype.
+
+    Drawn in float32 on the generator's device (the caller may pass a CPU generator while x is on a GPU),
+    so one seed gives the same draws whatever x's device and dtype.
+    """
+    device = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape[0], generator=generator, device=device)  # (B,) float32 in [0, 1)
+    return (low + (high - low) * u).to(x.device, x.dtype)  # (B,)
+
+
+# ----------------------------------------------------------------------------- geometry: one affine map per image
+
+
+def affine_grid(theta, height, width):
+    """Where each output pixel reads: grid[b, i, j] = theta[b] @ (u_j, v_i, 1), shape (B, H, W, 2), xy in [-1, 1].
+
+    The same values as F.affine_grid(theta, size, align_corners=False), whose batched matmul with an inner
+    size of 3 took half of a crop's time on CPU (torch.profiler). Here the grid is a column term plus a row
+    term, one broadcast add; tests/test_augment.py compares the two.
+    """
+    u = (2 * torch.arange(width, dtype=theta.dtype, device=theta.device) + 1) / width - 1  # (W,) pixel-centre x
+    v = (2 * torch.arange(height, dtype=theta.dtype, device=theta.device) + 1) / height - 1  # (H,) pixel-centre y
+    column = theta[:, None, None, :, 0] * u[:, None] + theta[:, None, None, :, 2]  # (B, 1, W, 2)
+    row = theta[:, None, None, :, 1] * v[:, None, None]  # (B, H, 1, 2)
+    return column + row  # (B, H, W, 2)
+
+
+def warp(x, theta):
+    """Resample every image through its own affine map: output pixel p reads the input at theta @ (p, 1).
+
+    theta: (B, 2, 3) in normalised coordinates, -1 and 1 being the outer edges of the border pixels
+    (align_corners=False), so the map does not depend on the resolution.
+    """
+    grid = affine_grid(theta, x.shape[2], x.shape[3])  # (B, H, W, 2) xy where to read
+    x_aug = F.grid_sample(x, grid, mode="bilinear", padding_mode=PADDING_MODE, align_corners=False)  # (B, C, H, W)
+    return x_aug.clamp_(0, 1)  # bilinear weights sum to 1 only up to rounding
+
+
+def zoom(x, scale, center):
+    """Cut the square box of side `scale` (fraction of the image side, (B,)) centred at `center`
+    ((B, 2), normalised xy) out of each image and stretch it to the full size. scale 1, centre 0 is the identity."""
+    zero = torch.zeros_like(scale)  # (B,)
+    theta = torch.stack([scale, zero, center[:, 0], zero, scale, center[:, 1]], dim=1)  # (B, 6)
+    return warp(x, theta.view(-1, 2, 3))  # (B, C, H, W)
+
+
+def rotate_by(x, degrees):
+    """Rotate each image about its centre by `degrees` (a number or (B,)), counter-clockwise as displayed
+    (row 0 at the top), like torch.rot90(x, 1, dims=(2, 3)) for 90 degrees."""
+    angle = torch.deg2rad(torch.as_tensor(degrees, dtype=x.dtype, device=x.device).expand(x.shape[0]))  # (B,)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)  # each (B,)
+    # In pixel units, output pixel (u, v) reads (u cos - v sin, u sin + v cos). Normalised x spans W pixels and
+    # y spans H, so the off-diagonal terms carry the aspect ratio; without it a non-square image would be sheared.
+    height, width = x.shape[-2:]
+    theta = torch.stack([cos, -sin * height / width, zero, sin * width / height, cos, zero], dim=1)  # (B, 6)
+    return warp(x, theta.view(-1, 2, 3))  # (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------- colour: deterministic helpers
+# Speed matters here (these run on every training batch): temporaries that we created ourselves are edited in
+# place (add_, mul_, ...), which saves a fresh allocation per step; the input x itself is never written.
+
+
+def adjust_brightness_contrast(x, brightness, contrast):
+    """x_aug = b * (m + c * (x - m)) with m each image's mean over all its pixels and channels.
+    brightness b, contrast c: (B,) factors, 1 leaves the image unchanged."""
+    b, c = brightness.view(-1, 1, 1, 1), contrast.view(-1, 1, 1, 1)  # each (B, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    # Expanded to b*c*x + b*(1-c)*m: one multiply-add per pixel.
+    return torch.addcmul(b * (1 - c) * mean, x, b * c).clamp_(0, 1)  # (B, C, H, W) float in [0, 1]
+
+
+def rgb_to_hsv(x):
+    """RGB (B, 3, H, W) in [0, 1] -> HSV (B, 3, H, W), each of h, s, v in [0, 1], as colorsys.rgb_to_hsv.
+
+    v = max(r, g, b), chroma d = v - min(r, g, b), s = d / v. The largest channel picks the sector of the
+    hexagonal colour wheel (ties go to r, then g, as in colorsys): h = (g - b) / d, 2 + (b - r) / d or
+    4 + (r - g) / d, then h = h / 6 mod 1. Grays (d = 0) get h = 0 and s = 0, like colorsys.
+    """
+    r, g, b = x.unbind(dim=1)  # each (B, H, W)
+    v = x.amax(dim=1)  # (B, H, W)
+    chroma = v - x.amin(dim=1)  # (B, H, W)
+    # Clamping a divisor by the smallest positive float keeps 0 / 0 at 0 for grays and blacks (their
+    # numerators are exactly 0 too) and changes no other pixel.
+    tiny = torch.finfo(x.dtype).tiny
+    s = chroma / v.clamp(min=tiny)  # (B, H, W)
+    h = torch.where(r == v, g - b, torch.where(g == v, 2 * chroma + b - r, 4 * chroma + r - g))  # (B, H, W)
+    h = h.div_(6 * chroma.clamp(min=tiny)).remainder_(1.0)  # (B, H, W) in [0, 1]
+    return torch.stack([h, s, v], dim=1)  # (B, 3, H, W)
+
+
+def hsv_to_rgb(hsv):
+    """HSV (B, 3, H, W) in [0, 1] -> RGB (B, 3, H, W) in [0, 1], the inverse of rgb_to_hsv (as colorsys).
+
+    Closed form of the six-sector rule: for channel n = 5, 3, 1 (r, g, b), k = (n + 6 h) mod 6 and
+    value = v - v * s * clamp(min(k, 4 - k), 0, 1).
+    """
+    h, s, v = hsv.split(1, dim=1)  # each (B, 1, H, W)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    k = torch.add(n, h, alpha=6).remainder_(6)  # (B, 3, H, W) in [0, 6)
+    weight = torch.minimum(k, 4 - k).clamp_(0, 1)  # (B, 3, H, W)
+    return torch.addcmul(v, v * s, weight, value=-1)  # (B, 3, H, W): v - v * s * weight
+
+
+def adjust_hue_saturation(x, hue_shift, saturation):
+    """Turn each image's hue by hue_shift (B,) (a fraction of the colour wheel) and multiply its
+    saturation by saturation (B,), capped at 1; v (the largest channel) is kept."""
+    hsv = rgb_to_hsv(x)  # (B, 3, H, W), a new tensor: edited in place below
+    h, s, _ = hsv.unbind(dim=1)  # each (B, H, W), views into hsv
+    h.add_(hue_shift.view(-1, 1, 1)).remainder_(1.0)
+    s.mul_(saturation.view(-1, 1, 1)).clamp_(max=1)
+    return hsv_to_rgb(hsv)  # (B, 3, H, W) float in [0, 1]
+
+
+# ----------------------------------------------------------------------------- the augmentations
+# Every one: fn(x, strength=1.0, generator=None) -> new (B, C, H, W) tensor in [0, 1]. At strength 0 they
+# return a copy instead of resampling, because an identity grid_sample or HSV round trip is exact only up to rounding.
+
+
+def none(x, strength=1.0, generator=None):
+    """Identity (no draws): the clean-input baseline. Returns a copy, so callers may modify it freely."""
+    return x.clone()
+
+
+def crop(x, strength=1.0, generator=None):
+    """Random resized crop: per image, a square box of side uniform in [1 - 0.5 strength, 1] (of the image side)
+    at a uniform position inside the image, stretched to the full size."""
+    if strength == 0:
+        return x.clone()
+    scale = uniform(x, 1 - strength * (1 - CROP_MIN_SCALE), 1.0, generator)  # (B,)
+    # A box of side `scale` stays inside [-1, 1] when its centre is within +-(1 - scale).
+    center = torch.stack([uniform(x, -1.0, 1.0, generator), uniform(x, -1.0, 1.0, generator)], dim=1)  # (B, 2)
+    return zoom(x, scale, center * (1 - scale).unsqueeze(1))  # (B, C, H, W)
+
+
+def center_crop(x, strength=1.0, generator=None):
+    """Central zoom: per image, the centred square box of side uniform in [1 - 0.5 strength, 1], stretched to
+    the full size."""
+    if strength == 0:
+        return x.clone()
+    scale = uniform(x, 1 - strength * (1 - CENTER_CROP_MIN_SCALE), 1.0, generator)  # (B,)
+    return zoom(x, scale, torch.zeros(x.shape[0], 2, dtype=x.dtype, device=x.device))  # (B, C, H, W)
+
+
+def rotate(x, strength=1.0, generator=None):
+    """Rotation: per image, angle uniform in [-30 strength, 30 strength] degrees, counter-clockwise positive."""
+    if strength == 0:
+        return x.clone()
+    degrees = strength * ROTATE_DEGREES
+    return rotate_by(x, uniform(x, -degrees, degrees, generator))  # (B, C, H, W)
+
+
+def brightness_contrast(x, strength=1.0, generator=None):
+    """Per image, brightness and contrast factors each uniform in [1 - 0.4 strength, 1 + 0.4 strength]."""
+    if strength == 0:
+        return x.clone()
+    brightness = uniform(x, 1 - strength * BRIGHTNESS, 1 + strength * BRIGHTNESS, generator)  # (B,)
+    contrast = uniform(x, 1 - strength * CONTRAST, 1 + strength * CONTRAST, generator)  # (B,)
+    return adjust_brightness_contrast(x, brightness, contrast)  # (B, C, H, W)
+
+
+def hue_saturation(x, strength=1.0, generator=None):
+    """Per image, hue shift uniform in [-0.1 strength, 0.1 strength] of the colour wheel and saturation factor
+    uniform in [1 - 0.4 strength, 1 + 0.4 strength]."""
+    if strength == 0:
+        return x.clone()
+    hue_shift = uniform(x, -strength * HUE_SHIFT, strength * HUE_SHIFT, generator)  # (B,)
+    saturation = uniform(x, 1 - strength * SATURATION, 1 + strength * SATURATION, generator)  # (B,)
+    return adjust_hue_saturation(x, hue_shift, saturation)  # (B, C, H, W)
+
+
+def all_augmentations(x, strength=1.0, generator=None):
+    """Every augmentation above in turn (crop, center crop, rotate, brightness/contrast, hue/saturation),
+    each with its own per-image draws; the two zooms compound, keeping 25-100% of the side."""
+    for augment in (crop, center_crop, rotate, brightness_contrast, hue_saturation):
+        x = augment(x, strength, generator)  # (B, C, H, W), a new tensor each time
+    return x
+
+
+AUGMENTATIONS = {
+    "none": none,
+    "crop": crop,
+    "center-crop": center_crop,
+    "rotate": rotate,
+    "brightness-contrast": brightness_contrast,
+    "hue-saturation": hue_saturation,
+    "all": all_augmentations,
+}
