@@ -4,7 +4,7 @@ Run the paper's experiment end to end: learn an augmentation with a VAE, then pr
     python main.py --dataset cifar10 --aug crop      # the paper's protocol (100 + 40 epochs, 64x64)
     python main.py --dataset shapes                  # the same experiment offline, in about a minute on a CPU
 
-Method (Rajagopalan 2021, section 3), one function per step, in the order main() calls them:
+Method (Rajagopalan 2021, "Learned Data Augmentation"), one function per step, in the order main() calls them:
     1. parse the command line, pick the device and precision, load and split the data;
     2. stage 1 (train_vae): for every batch, x_aug = augment(x); minimise -ELBO(decode(z), x),
        z ~ q(z | x_aug): augmented in, clean out;
@@ -38,8 +38,8 @@ import vae
 
 # Dataset-dependent defaults: the paper's settings for real data, small ones for the offline `shapes` run.
 DEFAULTS = {
-    "cifar10": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128),       # paper, section 4
-    "tinyimagenet": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128),  # paper, section 4
+    "cifar10": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128),       # epochs, size: paper; batch: ours
+    "tinyimagenet": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128),  # as for CIFAR-10
     "shapes": dict(epochs=3, probe_epochs=40, image_size=32, batch_size=128),          # ~1 minute on 2 cores
 }
 VAL_FRACTION = 0.1        # 45,000 / 5,000 for CIFAR-10; the test set is only read at the very end
@@ -154,15 +154,16 @@ def tune_allocator():
     """Stop glibc from returning big activation buffers to the OS after every step (Linux only).
 
     By default malloc serves blocks above 128 KiB with mmap and frees them with munmap, so every step
-    page-faults its activations in again; raising the mmap and trim thresholds keeps them in the heap."""
+    page-faults its activations in again; raising the mmap and trim thresholds keeps them in the heap
+    (at 64x64, batch 128, on our CPU: 26,844 page faults per step before, 0 to ~1,100 after)."""
     if sys.platform != "linux":
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:                           # musl or another libc: nothing to tune
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)           # the largest glibc accepts on 64-bit systems
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 # -----------------------------------------------------------------------------
@@ -421,7 +422,7 @@ def draw_reconstructions(path, models, x_uint8, aug, args, num_images=8, scale=2
     x = data.to_float(x_uint8[:num_images])                                    # (B, 3, H, W)
     x_aug = augment.AUGMENTATIONS[aug](x, args.strength, torch.Generator().manual_seed(0))
     rows = [x, x_aug] + [torch.sigmoid(reconstruct(model, x_aug, None)[0]) for model in models.values()]
-    titles = ["clean x", f"x_aug ({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in models]
+    titles = ["clean x", f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in models]
     size, left = args.image_size * scale, 110
     sheet = Image.new("RGB", (left + num_images * size, len(rows) * size), "white")
     draw = ImageDraw.Draw(sheet)

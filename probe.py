@@ -1,7 +1,7 @@
 """
 Stage 2: measure what the frozen encoder learned, with a small classifier ("probe") on its features.
 
-Protocol (Rajagopalan 2021, section 4): freeze the VAE's encoder; the feature of an image is the
+Protocol (Rajagopalan 2021, the paper's evaluation): freeze the VAE's encoder; the feature of an image is the
 posterior mean mu = encode(x)[0], not a sample z; train the paper's head on top of it:
 
     logits = ReLU(BN(W2 . tanh(BN(W1 . mu))))      W1: D -> 32,  W2: 32 -> K

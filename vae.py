@@ -11,7 +11,7 @@ reconstruct the *clean* image x. What the encoder learns to keep is what survive
     KL in closed form (Kingma & Welling 2014, appendix B):
                      KL = -1/2 * sum_d (1 + logvar_d - mu_d^2 - exp(logvar_d))
 
-Follows Rajagopalan (2021), "Learned Data Augmentation", section 3: five 3x3 stride-2 convolutions
+Follows Rajagopalan (2021), "Learned Data Augmentation", its model description: five 3x3 stride-2 convolutions
 (32..512 channels, BatchNorm, ReLU), two linear heads for a 128-d latent, a mirrored transposed-conv decoder.
 What we chose: the likelihood is a Bernoulli over pixel intensities in [0, 1] (the decoder emits logits,
 x_hat = sigmoid(x_logits) is the reconstructed image); the decoder is an exact mirror of the encoder
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ENCODER_CHANNELS = (32, 64, 128, 256, 512)  # the paper's five conv layers, section 3
+ENCODER_CHANNELS = (32, 64, 128, 256, 512)  # the paper's five conv layers
 LATENT_DIM = 128                            # the paper's latent size
 
 # -----------------------------------------------------------------------------
