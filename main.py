@@ -68,29 +68,28 @@ def request_stop(signum, frame):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    per = lambda key: ", ".join(f"{d} {v[key]}" for d, v in DEFAULTS.items())   # noqa: E731
-    p.add_argument("--dataset", default="cifar10", choices=sorted(data.LOADERS), help="data set")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    per = lambda key: "default: " + ", ".join(f"{d} {v[key]}" for d, v in DEFAULTS.items())  # noqa: E731
+    p.add_argument("--dataset", default="cifar10", choices=sorted(data.LOADERS), help="data set (default: %(default)s)")
     p.add_argument("--aug", default="crop", choices=list(augment.AUGMENTATIONS),
-                   help="augmentation of the second VAE; 'none' trains only the baseline")
-    p.add_argument("--strength", type=float, default=1.0, help="augmentation strength (0 = identity)")
-    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
+                   help="augmentation of the second VAE; 'none' trains only the baseline (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=1.0, help="augmentation strength (0 = identity) (default: %(default)s)")
+    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<aug>-seed<seed>)")
     p.add_argument("--epochs", type=int, default=None, help=f"stage-1 VAE epochs ({per('epochs')})")
     p.add_argument("--probe-epochs", type=int, default=None, help=f"stage-2 epochs ({per('probe_epochs')})")
     p.add_argument("--batch-size", type=int, default=None, help=f"both stages ({per('batch_size')})")
     p.add_argument("--image-size", type=int, default=None, help=f"a multiple of 32 ({per('image_size')})")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the VAE (paper)")
-    p.add_argument("--probe-lr", type=float, default=1e-4, help="Adam learning rate of the probe (paper)")
-    p.add_argument("--latent-dim", type=int, default=vae.LATENT_DIM, help="latent size D")
-    p.add_argument("--beta", type=float, default=1.0, help="KL weight; 1.0 is the true ELBO")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the VAE (paper) (default: %(default)s)")
+    p.add_argument("--probe-lr", type=float, default=1e-4, help="Adam learning rate of the probe (paper) (default: %(default)s)")
+    p.add_argument("--latent-dim", type=int, default=vae.LATENT_DIM, help="latent size D (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=1.0, help="KL weight; 1.0 is the true ELBO (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order, augmentations")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order, augmentations (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast where the hardware runs it fast (CUDA, AVX512-BF16/AMX CPUs)")
-    p.add_argument("--log-every", type=float, default=2.0, help="seconds between progress lines")
+                   help="auto: bf16 autocast where the hardware runs it fast (CUDA, AVX512-BF16/AMX CPUs) (default: %(default)s)")
+    p.add_argument("--log-every", type=float, default=2.0, help="seconds between progress lines (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
     args = p.parse_args(argv)
