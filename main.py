@@ -177,6 +177,8 @@ def load_data(args, device, amp):
     x_train, y_train, x_val, y_val = data.split_validation(x_train, y_train, VAL_FRACTION, args.limit, SPLIT_SEED)
     if args.batch_size > len(x_train):
         fail(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
+    if len(x_val) == 0:
+        fail(f"--limit {args.limit} leaves no validation images (they are {VAL_FRACTION:.0%}); use at least 10")
     splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: (data.resize(x, args.image_size).to(device), y.to(device)) for k, (x, y) in splits.items()}
     num_classes = int(max(y_train.max(), y_test.max())) + 1

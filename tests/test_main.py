@@ -103,6 +103,7 @@ def test_a_run_folder_is_never_silently_overwritten(reference_run, capsys, resto
     (["--batch-size", "100000"], "larger than the"),
     (["--limit", "0"], "--limit must be at least 1"),
     (["--limit", "10000000"], "is more than the"),
+    (["--limit", "4", "--batch-size", "2"], "leaves no validation images"),
     (["--device", "tpu"], "--device"),
     (["--image-size", "48"], "multiple of 32"),
     (["--resume"], "holds no run"),
