@@ -59,29 +59,24 @@ def plain_step(image_size, batch_size, device):
 
 
 def project_step(image_size, batch_size, aug, amp, device):
-    """What main.train_vae does per batch: slice, convert, augment, channels_last, autocast, step."""
+    """What main.train_vae does per batch: slice a shuffled uint8 batch, then main.train_step (convert,
+    augment, channels_last, autocast, step). Also returns the batch preparation alone, to time its share."""
     torch.manual_seed(0)
     model = vae.VAE(image_size=image_size).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x_all = torch.randint(0, 256, (4 * batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
     y_all = torch.zeros(len(x_all), dtype=torch.long, device=device)
     rng, aug_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    args = argparse.Namespace(strength=1.0, beta=1.0)
 
     def prepare():
         x_uint8, _ = next(data.shuffled_batches(x_all, y_all, batch_size, rng))
         x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)
-        return x, augment.AUGMENTATIONS[aug](x, 1.0, aug_rng)
+        return x_uint8, augment.AUGMENTATIONS[aug](x, 1.0, aug_rng)
 
     def step():
-        x, x_aug = prepare()
-        with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
-            x_logits, mu, logvar = model(x_aug)
-        loss = vae.elbo(x_logits, x, mu, logvar).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        x_uint8, _ = next(data.shuffled_batches(x_all, y_all, batch_size, rng))
+        main.train_step(model, optimizer, x_uint8, augment.AUGMENTATIONS[aug], aug_rng, args, amp)  # syncs
     return step, prepare
 
 
