@@ -241,11 +241,13 @@ def peak_memory_mb():
 
 
 def rng_state():
+    """The global CPU (and CUDA) random state, which draws eps in reparameterize: saved for an exact resume."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
+    """Restore what rng_state saved."""
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -345,7 +347,6 @@ class Progress:
 def evaluate_vae(model, x_uint8, augment_fn, args, amp):
     """-ELBO and per-pixel squared error of sigmoid(decode(mu)) against the clean x, from clean inputs and
     from inputs augmented with --aug (for the baseline too; a fixed seed, so epochs are comparable)."""
-    model.eval()
     x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)   # (N, 3, H, W) in [0, 1]
     fixed = torch.Generator().manual_seed(12345)
     metrics = {}
