@@ -9,8 +9,8 @@ Colour ones act per pixel:  brightness_contrast  x_aug = b * (m + c * (x - m)), 
   hue_saturation  (h, s, v) = hsv(x),  h <- (h + shift) mod 1,  s <- min(s * f, 1),  x_aug = rgb(h, s, v).
 Paper: the augmentations applied to the VAE's input in Rajagopalan (2021), "Learned Data Augmentation".
 What we chose: the magnitudes (constants below), square crop boxes (no aspect-ratio draw), reflection padding,
-a sampling grid built by broadcasting (F.affine_grid's values, faster on CPU), and `strength`, which scales
-every range linearly so that strength 0 is the identity and 1 the defaults.
+torch's own F.affine_grid and F.grid_sample for the resampling, and `strength`, which scales every range
+linearly so that strength 0 is the identity and 1 the defaults.
 Everything is batched tensor arithmetic on x.device: no loop over images, and the input is never written.
 Called by main.py through the AUGMENTATIONS dict, once per training batch: x_aug = AUGMENTATIONS[name](x).
 
@@ -50,29 +50,15 @@ def uniform(x, low, high, generator=None):
 # ----------------------------------------------------------------------------- geometry: one affine map per image
 
 
-def affine_grid(theta, height, width):
-    """Where each output pixel reads: grid[b, i, j] = theta[b] @ (u_j, v_i, 1), shape (B, H, W, 2), xy in [-1, 1].
-
-    The same values as F.affine_grid(theta, size, align_corners=False), whose batched matmul with an inner
-    size of 3 took half of a crop's time on CPU (torch.profiler). Here the grid is a column term plus a row
-    term, one broadcast add; tests/test_augment.py compares the two.
-    """
-    u = (2 * torch.arange(width, dtype=theta.dtype, device=theta.device) + 1) / width - 1  # (W,) pixel-centre x
-    v = (2 * torch.arange(height, dtype=theta.dtype, device=theta.device) + 1) / height - 1  # (H,) pixel-centre y
-    column = theta[:, None, None, :, 0] * u[:, None] + theta[:, None, None, :, 2]  # (B, 1, W, 2)
-    row = theta[:, None, None, :, 1] * v[:, None, None]  # (B, H, 1, 2)
-    return column + row  # (B, H, W, 2)
-
-
 def warp(x, theta):
     """Resample every image through its own affine map: output pixel p reads the input at theta @ (p, 1).
 
     theta: (B, 2, 3) in normalised coordinates, -1 and 1 being the outer edges of the border pixels
     (align_corners=False), so the map does not depend on the resolution.
     """
-    grid = affine_grid(theta, x.shape[2], x.shape[3])  # (B, H, W, 2) xy where to read
+    grid = F.affine_grid(theta, x.shape, align_corners=False)  # (B, H, W, 2) xy where each output pixel reads
     x_aug = F.grid_sample(x, grid, mode="bilinear", padding_mode=PADDING_MODE, align_corners=False)  # (B, C, H, W)
-    return x_aug.clamp_(0, 1)  # bilinear weights sum to 1 only up to rounding
+    return x_aug.clamp(0, 1)  # bilinear weights sum to 1 only up to rounding
 
 
 def zoom(x, scale, center):
@@ -96,17 +82,14 @@ def rotate_by(x, degrees):
 
 
 # ----------------------------------------------------------------------------- colour: deterministic helpers
-# Speed matters here (these run on every training batch): temporaries that we created ourselves are edited in
-# place (add_, mul_, ...), which saves a fresh allocation per step; the input x itself is never written.
 
 
 def adjust_brightness_contrast(x, brightness, contrast):
     """x_aug = b * (m + c * (x - m)) with m each image's mean over all its pixels and channels.
     brightness b, contrast c: (B,) factors, 1 leaves the image unchanged."""
     b, c = brightness.view(-1, 1, 1, 1), contrast.view(-1, 1, 1, 1)  # each (B, 1, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    # Expanded to b*c*x + b*(1-c)*m: one multiply-add per pixel.
-    return torch.addcmul(b * (1 - c) * mean, x, b * c).clamp_(0, 1)  # (B, C, H, W) float in [0, 1]
+    m = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return (b * (m + c * (x - m))).clamp(0, 1)  # (B, C, H, W) float in [0, 1]
 
 
 def rgb_to_hsv(x):
@@ -124,7 +107,7 @@ def rgb_to_hsv(x):
     tiny = torch.finfo(x.dtype).tiny
     s = chroma / v.clamp(min=tiny)  # (B, H, W)
     h = torch.where(r == v, g - b, torch.where(g == v, 2 * chroma + b - r, 4 * chroma + r - g))  # (B, H, W)
-    h = h.div_(6 * chroma.clamp(min=tiny)).remainder_(1.0)  # (B, H, W) in [0, 1]
+    h = (h / (6 * chroma.clamp(min=tiny))).remainder(1.0)  # (B, H, W) in [0, 1]
     return torch.stack([h, s, v], dim=1)  # (B, 3, H, W)
 
 
@@ -136,19 +119,18 @@ def hsv_to_rgb(hsv):
     """
     h, s, v = hsv.split(1, dim=1)  # each (B, 1, H, W)
     n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    k = torch.add(n, h, alpha=6).remainder_(6)  # (B, 3, H, W) in [0, 6)
-    weight = torch.minimum(k, 4 - k).clamp_(0, 1)  # (B, 3, H, W)
-    return torch.addcmul(v, v * s, weight, value=-1)  # (B, 3, H, W): v - v * s * weight
+    k = (n + 6 * h).remainder(6)  # (B, 3, H, W) in [0, 6)
+    weight = torch.minimum(k, 4 - k).clamp(0, 1)  # (B, 3, H, W)
+    return v - v * s * weight  # (B, 3, H, W)
 
 
 def adjust_hue_saturation(x, hue_shift, saturation):
     """Turn each image's hue by hue_shift (B,) (a fraction of the colour wheel) and multiply its
     saturation by saturation (B,), capped at 1; v (the largest channel) is kept."""
-    hsv = rgb_to_hsv(x)  # (B, 3, H, W), a new tensor: edited in place below
-    h, s, _ = hsv.unbind(dim=1)  # each (B, H, W), views into hsv
-    h.add_(hue_shift.view(-1, 1, 1)).remainder_(1.0)
-    s.mul_(saturation.view(-1, 1, 1)).clamp_(max=1)
-    return hsv_to_rgb(hsv)  # (B, 3, H, W) float in [0, 1]
+    h, s, v = rgb_to_hsv(x).unbind(dim=1)  # each (B, H, W)
+    h = (h + hue_shift.view(-1, 1, 1)).remainder(1.0)  # the hue circle wraps around
+    s = (s * saturation.view(-1, 1, 1)).clamp(max=1)
+    return hsv_to_rgb(torch.stack([h, s, v], dim=1))  # (B, 3, H, W) float in [0, 1]
 
 
 # ----------------------------------------------------------------------------- the augmentations

@@ -6,15 +6,15 @@ The paper (Rajagopalan 2021, "Learned Data Augmentation") evaluates on CIFAR-10 
     x_out = (1-a)(1-b) x[i, j] + a(1-b) x[i, j+1] + (1-a) b x[i+1, j] + a b x[i+1, j+1],  a = u - i, b = v - j
 with a wider (antialiased) triangle filter when shrinking. Tiny ImageNet's labelled validation set is our test set
 (its test split has no labels); for both sets `split_validation` carves our validation split from train.
-Raw files are decoded once. The CIFAR-10 pickles load in 0.3-0.6 s. Decoding Tiny ImageNet's 110,000 JPEGs takes
-about 35 s, so the uint8 result is cached in tiny-imagenet-200/uint8-cache.pt (1.35 GB) and read back in 2.5-4 s
-(both on 2 busy CPU cores); the cache is rebuilt when any image's name, size or mtime changes.
-A missing set is downloaded with the stdlib: streamed to <archive>.part, md5-checked, extracted into a scratch
-folder and only then moved into place, so an interrupted run never leaves anything that looks complete. An archive
-already in the data folder (put there by hand) is used as it is; CIFAR10_URL / TINYIMAGENET_URL name a mirror.
-`load_shapes` is our addition: 9 classes = 3 shapes x 3 hues, so geometric augmentations keep the label while a
-hue shift can change it (the paper's conclusion in miniature), with no download.
-Problems a user can fix raise DataError; main.py prints its one-paragraph message and exits with status 2.
+Raw files are decoded once. Tiny ImageNet's 110,000 JPEGs are slow to decode, so the uint8 result is cached in
+tiny-imagenet-200/uint8-cache.pt and read back on later runs; the cache is rebuilt when any image's name, size or
+mtime changes. `load_shapes` is our addition: 9 classes = 3 shapes x 3 hues, so geometric augmentations keep the
+label while a hue shift can change it (the paper's conclusion in miniature), with no download.
+The last section fetches a missing set with the stdlib: streamed to <archive>.part, md5-checked, extracted into a
+scratch folder and only then moved into place, so an interrupted run never leaves anything that looks complete.
+An archive already in the data folder (put there by hand) is used as it is; CIFAR10_URL / TINYIMAGENET_URL name a
+mirror. Problems a user can fix raise DataError; main.py prints its one-paragraph message and exits with status 2.
+Called by main.py: LOADERS[name](data_dir), then split_validation, resize, and per step shuffled_batches, to_float.
 Axes: N images, B batch, C channels (RGB), H/W height/width.
 """
 import hashlib
@@ -42,12 +42,13 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # www.c
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on the same page
 CIFAR10_COUNTS = (50_000, 10_000)  # train, test images in the official release (5 batches of 10,000 + test_batch)
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"  # official address (Stanford CS231n)
-TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # md5 of that zip, as given in issue 3
+TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # md5 of that zip; Stanford publishes none, other loaders
+# (avalanche's TinyImagenet among them) check this same value
 TINYIMAGENET_COUNTS = (100_000, 10_000)  # 500 train images per class, 50 labelled validation images per class
 TINYIMAGENET_CLASSES = 200  # lines in wnids.txt
 TINYIMAGENET_SIZE = 64  # every JPEG in the release is 64x64
 TINYIMAGENET_CACHE = "uint8-cache.pt"  # written inside tiny-imagenet-200/
-SHAPES_COUNTS = (6_000, 1_000)  # small, for quick CPU runs; drawing all 7,000 takes 0.5 s
+SHAPES_COUNTS = (6_000, 1_000)  # train, test: small, for quick CPU runs
 SHAPES_SIZE = 32  # like CIFAR-10, so both go through the same resize
 SHAPES_SEED = 0  # the set is the same on every machine
 RESIZE_CHUNK = 1024  # images per F.interpolate call: 1024 x 3 x 64 x 64 as float32 (off the CPU) is 50 MB
@@ -56,116 +57,6 @@ PROGRESS_SECONDS = 1.0  # at most one download progress line per second
 
 class DataError(Exception):
     """A problem with the data that the user can fix; the message says what and how."""
-
-
-# ---------------------------------------------------------------- downloading and extracting archives
-def download(url, dest, md5):
-    """Stream url to dest.part with a progress line, check its length and md5, then rename it to dest.
-    Skips existing files. Whatever goes wrong, dest.part is deleted. Raises DataError on a cut-off or corrupted
-    download, OSError (urllib's URLError) when the server cannot be reached."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as file:
-            total = int(response.headers.get("Content-Length") or 0)
-            received, digest = _stream(response, file, total, dest.name)
-        if total and received < total:
-            raise DataError(f"the download of {url} was cut off after {received:,} of {total:,} bytes; "
-                            f"nothing was kept, run again to retry")
-        if digest != md5:
-            raise DataError(f"checksum mismatch for {url}: md5 {digest}, expected {md5}; "
-                            f"the downloaded file was deleted")
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-    return dest
-
-
-def _stream(response, file, total, name):
-    """Copy response to file in 1 MiB pieces, printing bytes, % and speed to stderr; return (bytes, md5 hex)."""
-    digest, received, start, shown = hashlib.md5(), 0, time.time(), 0.0
-    while piece := response.read(1 << 20):
-        file.write(piece)
-        digest.update(piece)
-        received += len(piece)
-        elapsed = time.time() - start
-        if elapsed - shown >= PROGRESS_SECONDS:
-            shown = elapsed
-            size = f"{received / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB ({100 * received / total:.0f}%)"
-                                                  if total else "")
-            print(f"\rdownloading {name}: {size}, {received / 1e6 / elapsed:.1f} MB/s", end="", file=sys.stderr,
-                  flush=True)
-    if shown:
-        print(file=sys.stderr)
-    return received, digest.hexdigest()
-
-
-def safe_extract(archive, dest):
-    """Extract a .tar(.gz) or .zip into dest after checking every member; refuse the whole archive if one
-    is absolute, climbs out with '..', or is a link or device (it could write outside dest)."""
-    archive = Path(archive)
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zipped:
-                for info in zipped.infolist():  # the high 16 bits hold the Unix mode (0 from non-Unix zippers)
-                    file_type = stat.S_IFMT(info.external_attr >> 16)
-                    _check_member(archive, info.filename, file_type in (0, stat.S_IFREG, stat.S_IFDIR))
-                zipped.extractall(dest)
-        else:
-            with tarfile.open(archive) as tarred:
-                for info in tarred.getmembers():
-                    _check_member(archive, info.name, info.isfile() or info.isdir())
-                tarred.extractall(dest, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"the archive {archive} is damaged ({error}); delete it and run again") from None
-
-
-def _check_member(archive, name, is_file_or_folder):
-    """Raise DataError unless the member `name` stays inside the target folder and is a plain file or folder."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts:
-        raise DataError(f"refusing to extract {archive}: member {name!r} would land outside the target folder")
-    if not is_file_or_folder:
-        raise DataError(f"refusing to extract {archive}: member {name!r} is a link or a device, not a file")
-
-
-def _ensure(data_dir, folder_name, archive_name, url_variable, url, md5):
-    """Return data_dir/folder_name, first downloading the archive (unless it is there) and extracting it if needed."""
-    data_dir = Path(data_dir)
-    folder, archive, url = data_dir / folder_name, data_dir / archive_name, os.environ.get(url_variable, url)
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        download(url, archive, md5)
-    except (OSError, http.client.HTTPException) as error:
-        raise DataError(
-            f"found neither the folder {folder} nor the archive {archive}, and downloading {url} failed "
-            f"({getattr(error, 'reason', error)}). Connect to the internet and run again, or download {url} by hand "
-            f"and put the archive at {archive} (it is then used without downloading) or its extracted folder at "
-            f"{folder}; the environment variable {url_variable} can name a mirror.") from None
-    scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=folder.parent))
-    try:
-        safe_extract(archive, scratch)
-        if not (scratch / folder.name).is_dir():
-            raise DataError(f"the archive {archive} has no top-level folder {folder.name}; delete it and run again")
-        os.replace(scratch / folder.name, folder)  # the only step that makes the data visible
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
-
-
-def ensure_cifar10(data_dir):
-    """Return <data_dir>/cifar-10-batches-py, downloading and extracting the official archive if missing."""
-    return _ensure(data_dir, "cifar-10-batches-py", "cifar-10-python.tar.gz", "CIFAR10_URL", CIFAR10_URL, CIFAR10_MD5)
-
-
-def ensure_tinyimagenet(data_dir):
-    """Return <data_dir>/tiny-imagenet-200, downloading and extracting the official zip if missing."""
-    return _ensure(data_dir, "tiny-imagenet-200", "tiny-imagenet-200.zip", "TINYIMAGENET_URL", TINYIMAGENET_URL,
-                   TINYIMAGENET_MD5)
 
 
 def _check_count(what, count, expected, advice):
@@ -235,10 +126,11 @@ def _list_train(root, wnids):
     files, labels = [], []
     for k, wnid in enumerate(wnids):
         folder = root / "train" / wnid / "images"
+        # sorted, because os.listdir's order depends on the file system: the same files in the same order every run
         names = sorted(name for name in os.listdir(folder) if name.endswith(".JPEG")) if folder.is_dir() else []
         if not names:
             raise DataError(f"the class folder {folder} has no .JPEG images")
-        files += [folder / name for name in names]  # os.listdir: three times faster than Path.glob here
+        files += [folder / name for name in names]
         labels += [k] * len(names)
     return files, labels
 
@@ -333,6 +225,10 @@ def _draw_shapes(n, generator):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), 3 * shape + hue  # uint8 0-255
 
 
+# main.py's --dataset choices: name -> loader, each returning (x_train, y_train, x_test, y_test).
+LOADERS = {"cifar10": load_cifar10, "tinyimagenet": load_tinyimagenet, "shapes": load_shapes}
+
+
 # ---------------------------------------------------------------- splitting, resizing and batching
 def split_validation(x, y, val_fraction=0.1, limit=None, seed=0):
     """One fixed permutation of x; keep its first `limit` images (if given); the last val_fraction of them validate.
@@ -349,8 +245,8 @@ def resize(x, size):
     """uint8 (N, 3, h, w) -> uint8 (N, 3, size, size), bilinear, antialiased when shrinking, in chunks to save
     memory; x itself when it already has that size.
 
-    On the CPU, F.interpolate has a uint8 kernel that rounds and saturates by itself: it takes 50,000 CIFAR-10 images
-    from 32x32 to 64x64 in 2-3 s instead of 24 s through float32, and no pixel differs by more than 1 level."""
+    On the CPU, F.interpolate has a uint8 kernel that rounds and saturates by itself, much faster than a trip
+    through float32; no pixel differs from the float result by more than 1 level (tests/test_data.py checks it)."""
     if x.shape[-2:] == (size, size):
         return x
     options = dict(size=(size, size), mode="bilinear", align_corners=False, antialias=size < max(x.shape[-2:]))
@@ -378,4 +274,113 @@ def to_float(x):
     return x.float() / 255
 
 
-LOADERS = {"cifar10": load_cifar10, "tinyimagenet": load_tinyimagenet, "shapes": load_shapes}
+# ---------------------------------------------------------------- downloads: fetch, check, extract a missing set
+def ensure_cifar10(data_dir):
+    """Return <data_dir>/cifar-10-batches-py, downloading and extracting the official archive if missing."""
+    return _ensure(data_dir, "cifar-10-batches-py", "cifar-10-python.tar.gz", "CIFAR10_URL", CIFAR10_URL, CIFAR10_MD5)
+
+
+def ensure_tinyimagenet(data_dir):
+    """Return <data_dir>/tiny-imagenet-200, downloading and extracting the official zip if missing."""
+    return _ensure(data_dir, "tiny-imagenet-200", "tiny-imagenet-200.zip", "TINYIMAGENET_URL", TINYIMAGENET_URL,
+                   TINYIMAGENET_MD5)
+
+
+def _ensure(data_dir, folder_name, archive_name, url_variable, url, md5):
+    """Return data_dir/folder_name, first downloading the archive (unless it is there) and extracting it if needed."""
+    data_dir = Path(data_dir)
+    folder, archive, url = data_dir / folder_name, data_dir / archive_name, os.environ.get(url_variable, url)
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download(url, archive, md5)
+    except (OSError, http.client.HTTPException) as error:
+        raise DataError(
+            f"found neither the folder {folder} nor the archive {archive}, and downloading {url} failed "
+            f"({getattr(error, 'reason', error)}). Connect to the internet and run again, or download {url} by hand "
+            f"and put the archive at {archive} (it is then used without downloading) or its extracted folder at "
+            f"{folder}; the environment variable {url_variable} can name a mirror.") from None
+    scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=folder.parent))
+    try:
+        safe_extract(archive, scratch)
+        if not (scratch / folder.name).is_dir():
+            raise DataError(f"the archive {archive} has no top-level folder {folder.name}; delete it and run again")
+        os.replace(scratch / folder.name, folder)  # the only step that makes the data visible
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def download(url, dest, md5):
+    """Stream url to dest.part with a progress line, check its length and md5, then rename it to dest.
+    Skips existing files. Whatever goes wrong, dest.part is deleted. Raises DataError on a cut-off or corrupted
+    download, OSError (urllib's URLError) when the server cannot be reached."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            received, digest = _stream(response, file, total, dest.name)
+        if total and received < total:
+            raise DataError(f"the download of {url} was cut off after {received:,} of {total:,} bytes; "
+                            f"nothing was kept, run again to retry")
+        if digest != md5:
+            raise DataError(f"checksum mismatch for {url}: md5 {digest}, expected {md5}; "
+                            f"the downloaded file was deleted")
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
+def _stream(response, file, total, name):
+    """Copy response to file in 1 MiB pieces, printing bytes, % and speed to stderr; return (bytes, md5 hex)."""
+    digest, received, start, shown = hashlib.md5(), 0, time.time(), 0.0
+    while piece := response.read(1 << 20):
+        file.write(piece)
+        digest.update(piece)
+        received += len(piece)
+        elapsed = time.time() - start
+        if elapsed - shown >= PROGRESS_SECONDS:
+            shown = elapsed
+            size = f"{received / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB ({100 * received / total:.0f}%)"
+                                                  if total else "")
+            print(f"\rdownloading {name}: {size}, {received / 1e6 / elapsed:.1f} MB/s", end="", file=sys.stderr,
+                  flush=True)
+    if shown:
+        print(file=sys.stderr)
+    return received, digest.hexdigest()
+
+
+def safe_extract(archive, dest):
+    """Extract a .tar(.gz) or .zip into dest after checking every member; refuse the whole archive if one
+    is absolute, climbs out with '..', or is a link or device (it could write outside dest)."""
+    archive = Path(archive)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zipped:
+                for info in zipped.infolist():  # the high 16 bits hold the Unix mode (0 from non-Unix zippers)
+                    file_type = stat.S_IFMT(info.external_attr >> 16)
+                    _check_member(archive, info.filename, file_type in (0, stat.S_IFREG, stat.S_IFDIR))
+                zipped.extractall(dest)
+        else:
+            with tarfile.open(archive) as tarred:
+                for info in tarred.getmembers():
+                    _check_member(archive, info.name, info.isfile() or info.isdir())
+                tarred.extractall(dest, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"the archive {archive} is damaged ({error}); delete it and run again") from None
+
+
+def _check_member(archive, name, is_file_or_folder):
+    """Raise DataError unless the member `name` stays inside the target folder and is a plain file or folder."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts:
+        raise DataError(f"refusing to extract {archive}: member {name!r} would land outside the target folder")
+    if not is_file_or_folder:
+        raise DataError(f"refusing to extract {archive}: member {name!r} is a link or a device, not a file")
+
+

@@ -7,32 +7,19 @@ Not a test (pytest collects only test_*.py). bench_augmentations() returns the r
 
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))  # the repository root, for augment
+sys.path.insert(0, TESTS)  # for timing, also when this file is imported by another bench script
 import augment  # noqa: E402
+from timing import images_per_second  # noqa: E402
 
-BATCH_SIZE = 256  # the training batch size of issue 4
+BATCH_SIZE = 256  # the batch of the README's augmentation table, which this script produced
 IMAGE_SIZE = 64  # Tiny ImageNet, and CIFAR-10 after resizing
-RUNS = 7  # timed runs per entry, after one warm-up; the median is reported
-
-
-def images_per_second(fns, x, runs=RUNS):
-    """Median throughput of each fn(x) over `runs` rounds after one warm-up call each. Within a round the
-    functions take turns, so a change of load on a shared machine hits all of them alike."""
-    seconds = [[] for _ in fns]
-    for fn in fns:
-        fn(x)
-    for _ in range(runs):
-        for fn, times in zip(fns, seconds):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-    return [x.shape[0] / statistics.median(times) for times in seconds]
+RUNS = 7  # timed rounds per entry, after one warm-up call each; the median is reported
 
 
 def kornia_equivalents():

@@ -1,5 +1,6 @@
 """Tests for augment.py: invariants of every augmentation, then oracles for the deterministic helpers
-(colorsys for HSV, torch.rot90 and pixel shifts for the affine maps, hand-computed brightness/contrast)."""
+(colorsys for HSV; torch.rot90, flips, pixel shifts and F.interpolate for the affine maps; hand-computed
+brightness/contrast)."""
 
 import colorsys
 
@@ -111,10 +112,23 @@ def test_centred_maps_keep_the_centre_pixel(name):
 # ----------------------------------------------------------------------------- geometry oracles
 
 
-def test_affine_grid_matches_torch():
-    theta = torch.randn(4, 2, 3, generator=seeded(0))
-    expected = torch.nn.functional.affine_grid(theta, [4, 3, 12, 16], align_corners=False)  # (4, 12, 16, 2)
-    torch.testing.assert_close(augment.affine_grid(theta, 12, 16), expected, atol=1e-6, rtol=0)
+def matrices(rows, batch_size=4):
+    """One (2, 3) affine matrix given as nested lists, repeated for every image: (B, 2, 3)."""
+    return torch.tensor(rows).expand(batch_size, 2, 3)
+
+
+def test_warp_by_identity_and_mirror_matrices():
+    x = images(height=6, width=10)
+    torch.testing.assert_close(augment.warp(x, matrices([[1.0, 0, 0], [0, 1, 0]])), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.warp(x, matrices([[-1.0, 0, 0], [0, 1, 0]])), x.flip(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.warp(x, matrices([[1.0, 0, 0], [0, -1, 0]])), x.flip(2), atol=1e-6, rtol=0)
+
+
+def test_warp_shift_is_in_half_image_units_on_a_non_square_image():
+    x = images(height=6, width=10)  # normalised units: 2 / W per pixel in x, 2 / H per pixel in y
+    x_aug = augment.warp(x, matrices([[1.0, 0, 2 * 2 / 10], [0, 1, 1 * 2 / 6]]))  # read 2 pixels right, 1 down
+    # Would fail with x and y swapped, or with align_corners=True (then a pixel is 2 / (W - 1)).
+    torch.testing.assert_close(x_aug[..., :5, :8], x[..., 1:, 2:], atol=1e-6, rtol=0)
 
 
 def test_rotate_by_90_matches_rot90_counter_clockwise():
@@ -163,6 +177,15 @@ def test_zoom_by_half_reads_only_the_middle_of_the_image():
     # between white pixels, so the frame is gone. A box of 0.75 still reaches it (position 0.875: 1/8 black).
     torch.testing.assert_close(x_aug, torch.ones_like(x), atol=1e-6, rtol=0)
     assert augment.zoom(x, torch.tensor([0.75]), torch.zeros(1, 2)).min() < 0.9
+
+
+def test_zoom_into_a_box_matches_interpolating_the_sliced_box():
+    x = images(height=8, width=8)
+    x_aug = augment.zoom(x, torch.full((4,), 0.5), torch.zeros(4, 2))  # the central 4x4 pixels, stretched to 8x8
+    expected = torch.nn.functional.interpolate(x[..., 2:6, 2:6], size=(8, 8), mode="bilinear", align_corners=False)
+    # The border rows and columns differ: interpolate repeats the box's edge pixel, while the zoom reads the
+    # pixels just outside the box (the rest of the image is there).
+    torch.testing.assert_close(x_aug[..., 1:7, 1:7], expected[..., 1:7, 1:7], atol=1e-6, rtol=0)
 
 
 def ramp(batch_size, size):
