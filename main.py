@@ -1,28 +1,34 @@
 """
 Run the paper's experiment end to end: learn an augmentation with a VAE, then probe what its encoder kept.
 
+    python main.py --dataset shapes                  # the whole experiment offline, about a minute on a CPU
     python main.py --dataset cifar10 --aug crop      # the paper's protocol (100 + 40 epochs, 64x64)
-    python main.py --dataset shapes                  # the same experiment offline, in about a minute on a CPU
+    python main.py --dataset cifar10 --aug every --seeds 0,1,2 --image-size 32 --epochs 10   # the study
 
-Method (Rajagopalan 2021, "Learned Data Augmentation"), one function per step, in the order main() calls them:
-    1. parse the command line, pick the device and precision, load and split the data;
-    2. stage 1 (train_vae): for every batch, x_aug = augment(x); minimise -ELBO(decode(z), x),
-       z ~ q(z | x_aug): augmented in, clean out;
-    3. stage 2 (train_probe): freeze the encoder, train the paper's head on mu, report top-1/top-5;
-    4. both stages for the baseline ("none": clean in, clean out) and for --aug, then compare (report).
-Every epoch of both stages ends with an atomic checkpoint, so Ctrl-C (or SIGTERM) finishes the step,
-saves, and `--resume` continues bit for bit on the CPU. Outputs land in one run folder: summary.json,
-metrics.jsonl, reconstructions.png, curves.png and the weights of both VAEs and both probes.
+Method (Rajagopalan 2021, "Learned Data Augmentation"), in the order main() runs it, once per seed:
+    1. stage 1 (train_vae): for every batch, x_aug = augment(x); minimise -ELBO(decode(z), x) with
+       z ~ q(z | x_aug): augmented in, clean out. First the baseline ("none": clean in, clean out), then each --aug,
+       all from the same initial weights and batch order;
+    2. stage 2 (train_probe): freeze the encoder, train the paper's head on mu, report top-1/top-5;
+       controls: the same head on raw pixels and on the untrained encoder (the VAEs' common starting point);
+    3. measure (measure_augmentation): how much of the augmentation each VAE undoes, how far it moves mu,
+       whether the probe still finds the label, and how many latent dimensions carry information;
+    4. report: results.md and results.json (mean +- std over seeds), reconstructions.png, curves.png.
+A run folder is resumable: the same command continues where it stopped and skips what is finished.
+The last section holds the machinery (errors and signals, device and precision, the optional CUDA graph,
+run folder and checkpoints, progress and time); nothing in it changes the method.
 
 Axes: B batch, C channels, H/W height/width, D latent size, K classes.
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import math
 import os
 import platform
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -36,72 +42,85 @@ import data
 import probe
 import vae
 
-# Dataset-dependent defaults: the paper's settings for real data, small ones for the offline `shapes` run.
+# Per data set: the paper's settings for real data, small ones for the offline `shapes` run.
 DEFAULTS = {
     "cifar10": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128),       # epochs, size: paper; batch: ours
     "tinyimagenet": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128),  # as for CIFAR-10
     "shapes": dict(epochs=3, probe_epochs=40, image_size=32, batch_size=128),          # ~1 minute on 2 cores
 }
 VAL_FRACTION = 0.1        # 45,000 / 5,000 for CIFAR-10; the test set is only read at the very end
-SPLIT_SEED = 0            # the validation split never changes with --seed
-VAL_IMAGES = 1000         # stage-1 validation ELBO and test reconstruction error use this many images
-STOP = threading.Event()  # set by SIGINT/SIGTERM; the training loops check it after every step
-
-
-class Interrupted(Exception):
-    """Raised after a checkpoint has been saved in answer to SIGINT/SIGTERM."""
-
-
-def fail(message, status=2):
-    """Stop with one clear line on stderr and no traceback: status 2 for usage and input errors."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
-
-
-def request_stop(signum, frame):
-    """SIGINT/SIGTERM: let the current step finish and checkpoint; a second signal stops at once."""
-    STOP.set()
-    signal.signal(signum, signal.SIG_DFL)
+SPLIT_SEED = 0            # the validation split never changes with --seeds
+MEASURE_IMAGES = 1000     # test images for the reconstruction, invariance and KL measurements
+MEASURE_SEED = 12345      # one fixed draw of augmentations for every measurement, so VAEs and epochs compare
+INFORMATIVE_NATS = 0.1    # a latent dimension whose mean KL exceeds this carries information about the image
+CONTROLS = ("pixels", "random-encoder")
 
 # -----------------------------------------------------------------------------
-# Command line, device, and process settings
+# Settings
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    per = lambda key: "default: " + ", ".join(f"{d} {v[key]}" for d, v in DEFAULTS.items())  # noqa: E731
+
+    def per_dataset(key):
+        return "default: " + ", ".join(f"{name} {values[key]}" for name, values in DEFAULTS.items())
     p.add_argument("--dataset", default="cifar10", choices=sorted(data.LOADERS), help="data set (default: %(default)s)")
-    p.add_argument("--aug", default="crop", choices=list(augment.AUGMENTATIONS),
-                   help="augmentation of the second VAE; 'none' trains only the baseline (default: %(default)s)")
+    p.add_argument("--aug", default="crop", help=f"augmentation(s) to learn, comma-separated, or 'every'; the baseline "
+                   f"'none' is always trained; one of {', '.join(augment.AUGMENTATIONS)} (default: %(default)s)")
+    p.add_argument("--seeds", "--seed", default="0", help="comma-separated seeds; each repeats everything, "
+                   "and seeds weights, batch order and augmentations (default: %(default)s)")
     p.add_argument("--strength", type=float, default=1.0, help="augmentation strength (0 = identity) (default: %(default)s)")
     p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded (default: %(default)s)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<aug>-seed<seed>)")
-    p.add_argument("--epochs", type=int, default=None, help=f"stage-1 VAE epochs ({per('epochs')})")
-    p.add_argument("--probe-epochs", type=int, default=None, help=f"stage-2 epochs ({per('probe_epochs')})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"both stages ({per('batch_size')})")
-    p.add_argument("--image-size", type=int, default=None, help=f"a multiple of 32 ({per('image_size')})")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<aug>-seed<seeds>)")
+    p.add_argument("--epochs", type=int, default=None, help=f"stage-1 VAE epochs ({per_dataset('epochs')})")
+    p.add_argument("--probe-epochs", type=int, default=None, help=f"stage-2 epochs ({per_dataset('probe_epochs')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"both stages ({per_dataset('batch_size')})")
+    p.add_argument("--image-size", type=int, default=None, help=f"a multiple of 32 ({per_dataset('image_size')})")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the VAE (paper) (default: %(default)s)")
     p.add_argument("--probe-lr", type=float, default=1e-4, help="Adam learning rate of the probe (paper) (default: %(default)s)")
     p.add_argument("--latent-dim", type=int, default=vae.LATENT_DIM, help="latent size D (default: %(default)s)")
     p.add_argument("--beta", type=float, default=1.0, help="KL weight; 1.0 is the true ELBO (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order, augmentations (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast where the hardware runs it fast (CUDA, AVX512-BF16/AMX CPUs) (default: %(default)s)")
+                   help="auto: what measured fastest for this network on this device and image size (default: %(default)s)")
+    p.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                   help="replay stage 1's step as one CUDA graph; auto means off until measured (default: %(default)s)")
     p.add_argument("--log-every", type=float, default=2.0, help="seconds between progress lines (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with the settings it was started with")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
     args = p.parse_args(argv)
+    if args.resume and args.out and (Path(args.out) / "args.json").exists():
+        saved = json.loads((Path(args.out) / "args.json").read_text())
+        args = argparse.Namespace(**{**saved, "resume": True, "device": args.device, "log_every": args.log_every})
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or f"runs/{args.dataset}-{args.aug}-seed{args.seed}"
-    saved = Path(args.out) / "args.json"
-    if args.resume and saved.exists():     # continue with the settings the run was started with
-        args = argparse.Namespace(**{**json.loads(saved.read_text()), "resume": True, "device": args.device})
+    args.augs = parse_augmentations(args.aug)
+    args.seed_list = parse_seeds(args.seeds)
+    args.out = args.out or f"runs/{args.dataset}-{args.aug.replace(',', '+')}-seed{args.seeds.replace(',', '+')}"
     check_args(args)
     return args
+
+
+def parse_augmentations(text):
+    """'crop,rotate' -> ['crop', 'rotate']; 'every' -> every augmentation; 'none' (the baseline) is implied."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["every"]:
+        names = list(augment.AUGMENTATIONS)
+    unknown = [name for name in names if name not in augment.AUGMENTATIONS]
+    if unknown or not names:
+        fail(f"--aug {text!r}: use 'every' or names from {', '.join(augment.AUGMENTATIONS)}, comma-separated")
+    return [name for name in dict.fromkeys(names) if name != "none"]
+
+
+def parse_seeds(text):
+    """'0,1,2' -> [0, 1, 2]."""
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        fail(f"--seeds {text!r}: use whole numbers, comma-separated, such as 0,1,2")
+    return list(dict.fromkeys(seeds))
 
 
 def check_args(args):
@@ -117,6 +136,462 @@ def check_args(args):
         fail(f"--limit must be at least 1, got {args.limit}")
     if not (args.lr > 0 and args.probe_lr > 0 and args.beta >= 0 and args.strength >= 0):
         fail("--lr and --probe-lr must be positive, --beta and --strength non-negative")
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(args, device):
+    """Load, split off validation, resize once, move to the device: {split: (uint8 (N, 3, S, S), int64 (N,))}."""
+    x_train, y_train, x_test, y_test = data.LOADERS[args.dataset](args.data_dir)
+    if args.limit is not None and args.limit > len(x_train):
+        fail(f"--limit {args.limit} is more than the {len(x_train)} training images of {args.dataset}")
+    x_train, y_train, x_val, y_val = data.split_validation(x_train, y_train, VAL_FRACTION, args.limit, SPLIT_SEED)
+    if args.batch_size > len(x_train):
+        fail(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
+    if len(x_val) == 0:
+        fail(f"--limit {args.limit} leaves no validation images (they are {VAL_FRACTION:.0%}); use at least 10")
+    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+    splits = {k: (data.resize(x, args.image_size).to(device), y.to(device)) for k, (x, y) in splits.items()}
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    print(f"{args.dataset}: {len(x_train)} train, {len(x_val)} val, {len(x_test)} test images at "
+          f"{args.image_size}x{args.image_size}, {num_classes} classes", flush=True)
+    return splits, num_classes
+
+# -----------------------------------------------------------------------------
+# Stage 1: learn the augmentation
+
+
+def train_step(model, optimizer, x, x_aug, beta, autocast_dtype):
+    """One step of stage 1, the paper's idea: encode the augmented x_aug, score the reconstruction against the clean x.
+    -> float32 tensor [loss, recon, kl] on the device (reading it would wait for the GPU, so the caller sums it)."""
+    with autocast(x.device, autocast_dtype):
+        x_logits, mu, logvar = model(x_aug)                      # (B, 3, H, W), (B, D), (B, D)
+    parts = vae.elbo(x_logits, x, mu, logvar, beta)
+    optimizer.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    optimizer.step()
+    return torch.stack([parts.loss.detach(), parts.recon.mean().detach(), parts.kl.mean().detach()])  # (3,)
+
+
+def augmented_batch(x_uint8, augment_fn, strength, generator):
+    """uint8 batch -> (x, x_aug), both float (B, 3, H, W) in [0, 1], channels_last for the convolutions."""
+    x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)
+    return x, augment_fn(x, strength, generator)
+
+
+def train_vae(name, seed, splits, args, device, autocast_dtype, folder, progress):
+    """Stage 1: train a VAE on (augment(x) -> x); checkpointed every epoch and on a signal, resumable."""
+    torch.manual_seed(seed)           # every VAE of a seed starts from the same weights: a controlled comparison
+    model = vae.VAE(args.latent_dim, args.image_size).to(device, memory_format=torch.channels_last)
+    use_graph = args.cuda_graph == "on" and device.type == "cuda"
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=use_graph)
+    batch_rng, aug_rng = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    step_fn = cuda_graphed(train_step) if use_graph else train_step
+    augment_fn, (x_train, y_train) = augment.AUGMENTATIONS[name], splits["train"]
+    steps = len(x_train) // args.batch_size
+    path = folder / "checkpoint-vae.pt"
+    st = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0, "sums": torch.zeros(3, device=device)}
+    if path.exists():
+        st = restore_vae(path, model, optimizer, batch_rng, aug_rng, device)
+    title = f"stage 1 [seed {seed}, {name}]"
+    while st["epoch"] < args.epochs:
+        if st["step"] == 0:
+            st["epoch_rng"] = batch_rng.get_state()    # this epoch's batch order, kept for a mid-epoch resume
+        else:
+            batch_rng.set_state(st["epoch_rng"])       # resuming mid-epoch: draw the same order again
+        model.train()
+        t_start, checked = time.perf_counter(), st["step"]
+        for step, (x_uint8, _) in enumerate(data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng)):
+            if step < st["step"]:
+                continue                               # resuming mid-epoch: skip the steps already taken
+            x, x_aug = augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)
+            st["sums"] += step_fn(model, optimizer, x, x_aug, args.beta, autocast_dtype)
+            st["step"] += 1
+            progress.vae_step_done()
+            if progress.due() or STOP.is_set():        # reading the sums waits for the device: only now and then
+                loss, recon, kl = (st["sums"] / st["step"]).tolist()
+                check_finite(loss, f"{title} epoch {st['epoch'] + 1}, steps {checked + 1}-{st['step']}", folder)
+                checked = st["step"]
+                progress.print(f"{title} epoch {st['epoch'] + 1}/{args.epochs} step {st['step']}/{steps} "
+                               f"loss {loss:.1f} = -recon {-recon:.1f} + kl {kl:.1f}")
+            if STOP.is_set():
+                st["seconds"] += time.perf_counter() - t_start
+                save_vae(path, st, model, optimizer, batch_rng, aug_rng)
+                raise Interrupted
+        loss, recon, kl = (st["sums"] / steps).tolist()
+        check_finite(loss, f"{title} epoch {st['epoch'] + 1}, steps {checked + 1}-{steps}", folder)
+        st["seconds"] += time.perf_counter() - t_start
+        row = {"train_loss": loss, "train_recon": recon, "train_kl": kl}
+        row.update(evaluate_vae(model, splits["val"][0][:MEASURE_IMAGES], augment_fn, args.strength, args.beta,
+                                autocast_dtype))
+        st["history"].append({"run": name, "seed": seed, "stage": "vae", "epoch": st["epoch"] + 1, **row})
+        st.update(epoch=st["epoch"] + 1, step=0, sums=torch.zeros(3, device=device))
+        save_vae(path, st, model, optimizer, batch_rng, aug_rng)
+        progress.print(f"{title} epoch {st['epoch']}/{args.epochs} done: train loss {loss:.1f}, val loss "
+                       f"{row['val_loss_clean']:.1f} from clean, {row['val_loss_aug']:.1f} from augmented input; "
+                       f"peak memory {peak_memory_mb():.0f} MB", force=True)
+    images_per_s = args.epochs * steps * args.batch_size / max(st["seconds"], 1e-9)
+    return model, st["history"], {"vae_seconds": st["seconds"], "vae_images_per_s": images_per_s}
+
+
+@torch.no_grad()
+def evaluate_vae(model, x_uint8, augment_fn, strength, beta, autocast_dtype):
+    """-ELBO and per-pixel squared error of sigmoid(decode(mu)) against the clean x, from clean inputs and from
+    inputs augmented with the VAE's own augmentation (a fixed draw, so epochs compare)."""
+    x = data.to_float(x_uint8)                                              # (N, 3, H, W) in [0, 1]
+    x_aug = augment_fn(x, strength, torch.Generator().manual_seed(MEASURE_SEED))
+    metrics = {}
+    for kind, x_in in (("clean", x), ("aug", x_aug)):
+        x_logits, mu, logvar = reconstruct(model, x_in, autocast_dtype)
+        metrics[f"val_loss_{kind}"] = vae.elbo(x_logits, x, mu, logvar, beta).loss.item()
+        metrics[f"mse_{kind}"] = (torch.sigmoid(x_logits) - x).pow(2).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def reconstruct(model, x_in, autocast_dtype):
+    """Deterministic reconstruction in eval mode: decode(mu), no sampling. -> float32 x_logits, mu, logvar"""
+    model.eval()
+    with autocast(x_in.device, autocast_dtype):
+        mu, logvar = model.encode(x_in.contiguous(memory_format=torch.channels_last))
+        x_logits = model.decode(mu)                                              # (N, 3, H, W)
+    return x_logits.float(), mu.float(), logvar.float()
+
+# -----------------------------------------------------------------------------
+# Stage 2: freeze the encoder and probe it
+
+
+def encode_splits(model, splits, batch_size, autocast_dtype):
+    """mu of every image of every split, from the frozen encoder: {split: float32 (N, D)}."""
+    with autocast(splits["train"][0].device, autocast_dtype):
+        return {split: probe.extract_features(model, x, batch_size) for split, (x, _) in splits.items()}
+
+
+def pixel_features(splits):
+    """The raw-pixel control: every image flattened, {split: float32 (N, 3 * H * W)} in [0, 1]."""
+    return {split: data.to_float(x).flatten(1) for split, (x, _) in splits.items()}
+
+
+def train_probe(title, features, splits, num_classes, seed, args, path, progress):
+    """Stage 2: train the paper's head on frozen features {split: (N, D)}; resumable per epoch.
+    -> head, per-epoch history, final train/val and test metrics."""
+    labels = {split: y for split, (_, y) in splits.items()}
+    torch.manual_seed(seed)
+    head = probe.make_head(features["train"].shape[1], num_classes).to(features["train"].device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
+    rng = torch.Generator().manual_seed(seed + 2)
+    st = {"epoch": 0, "history": [], "seconds": 0.0}
+    if path.exists():
+        st = load_checkpoint(path)
+        head.load_state_dict(st["head"])
+        optimizer.load_state_dict(st["optimizer"])
+        rng.set_state(st["rng"])
+    while st["epoch"] < args.probe_epochs:
+        t_start = time.perf_counter()
+        loss = probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, rng)
+        check_finite(loss, f"{title} epoch {st['epoch'] + 1}", path.parent, hint="a lower --probe-lr")
+        row = {"run": title, "seed": seed, "stage": "probe", "epoch": st["epoch"] + 1}
+        for split in ("train", "val"):
+            row.update({f"{split}_{k}": v for k, v in probe.evaluate(head, features[split], labels[split]).items()})
+        st["history"].append(row)
+        st.update(epoch=st["epoch"] + 1, seconds=st["seconds"] + time.perf_counter() - t_start)
+        save_checkpoint(path, {**st, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                               "rng": rng.get_state()})
+        progress.probe_epoch_done(time.perf_counter() - t_start)
+        progress.print(f"{title} epoch {row['epoch']}/{args.probe_epochs} loss {row['train_loss']:.3f} "
+                       f"train top-1 {row['train_top1']:.1f}% val top-1 {row['val_top1']:.1f}% "
+                       f"top-5 {row['val_top5']:.1f}%", force=st["epoch"] == args.probe_epochs)
+        if STOP.is_set():
+            raise Interrupted
+    stats = {f"test_{k}": v for k, v in probe.evaluate(head, features["test"], labels["test"]).items()}
+    stats.update({k: v for k, v in st["history"][-1].items() if k.startswith(("train_", "val_"))},
+                 probe_seconds=st["seconds"])
+    return head, st["history"], stats
+
+# -----------------------------------------------------------------------------
+# Measure: what each VAE undid, what its encoder kept
+
+
+def undone_share(x, x_aug, recon_from_aug, recon_from_clean):
+    """Share of the augmentation's error that a reconstruction removes: 1 - (e(recon_from_aug) - e(recon_from_clean))
+    / e(x_aug), e(.) the mean squared error against the clean x. 0: it reproduces x_aug; 1: as good as from x."""
+    def error(y):
+        return (y - x).pow(2).mean()
+    return (1 - (error(recon_from_aug) - error(recon_from_clean)) / error(x_aug)).item()
+
+
+@torch.no_grad()
+def measure_augmentation(aug, vaes, heads, x_uint8, y, strength, autocast_dtype):
+    """On test images, for the baseline and the `aug` VAE: reconstruction error from x and from x_aug, the share of
+    the augmentation undone, how far mu moves (probe.latent_shift), and the probe's accuracy on x_aug."""
+    x = data.to_float(x_uint8)                                               # (N, 3, H, W) in [0, 1]
+    x_aug = augment.AUGMENTATIONS[aug](x, strength, torch.Generator().manual_seed(MEASURE_SEED))
+    row = {"mse_augmented_input": (x_aug - x).pow(2).mean().item()}
+    for role, name in (("baseline", "none"), ("augmented", aug)):
+        from_clean, mu, _ = reconstruct(vaes[name], x, autocast_dtype)
+        from_aug, mu_aug, _ = reconstruct(vaes[name], x_aug, autocast_dtype)
+        from_clean, from_aug = torch.sigmoid(from_clean), torch.sigmoid(from_aug)   # x_hat in [0, 1]
+        row[f"{role}_mse_from_clean"] = (from_clean - x).pow(2).mean().item()
+        row[f"{role}_mse_from_aug"] = (from_aug - x).pow(2).mean().item()
+        row[f"{role}_undone"] = undone_share(x, x_aug, from_aug, from_clean)
+        row[f"{role}_latent_shift"] = probe.latent_shift(mu, mu_aug)
+        row[f"{role}_top1_on_aug"] = probe.evaluate(heads[name], mu_aug, y)["top1"]
+    return row
+
+
+@torch.no_grad()
+def measure_kl(model, x_uint8, autocast_dtype):
+    """Mean KL per image on clean test images, and how many latent dimensions carry more than 0.1 nat."""
+    _, mu, logvar = reconstruct(model, data.to_float(x_uint8), autocast_dtype)
+    kl = vae.kl_per_dimension(mu, logvar).mean(0)                            # (D,) nats, averaged over images
+    return {"kl": kl.sum().item(), "informative_dims": int((kl > INFORMATIVE_NATS).sum())}
+
+# -----------------------------------------------------------------------------
+# One seed: every VAE, its probes and measurements, then the controls
+
+
+def run_seed(seed, args, splits, num_classes, device, autocast_dtype, run_dir, progress):
+    """Both stages for the baseline and each --aug, the two controls, and the measurements. -> records, histories"""
+    records, histories, vaes, heads = [], {}, {}, {}
+    x_test, y_test = (t[:MEASURE_IMAGES] for t in splits["test"])
+    for name in ["none", *args.augs]:
+        folder = run_dir / f"seed{seed}" / name
+        model, vae_history, record = train_vae(name, seed, splits, args, device, autocast_dtype, folder, progress)
+        features = encode_splits(model, splits, args.batch_size, autocast_dtype)
+        head, probe_history, stats = train_probe(f"stage 2 [seed {seed}, {name}]", features, splits, num_classes,
+                                                 seed, args, folder / "checkpoint-probe.pt", progress)
+        *_, standardized = train_probe(f"stage 2 [seed {seed}, {name}, standardized]", probe.standardize(features),
+                                       splits, num_classes, seed, args, folder / "checkpoint-probe-std.pt", progress)
+        record.update(stats, std_test_top1=standardized["test_top1"], std_test_top5=standardized["test_top5"])
+        record.update(measure_kl(model, x_test, autocast_dtype))
+        vaes[name], heads[name], histories[name] = model, head, vae_history + probe_history
+        if name != "none":
+            record.update(measure_augmentation(name, vaes, heads, x_test, y_test, args.strength, autocast_dtype))
+        torch.save(model.state_dict(), folder / "vae.pt")
+        torch.save(head.state_dict(), folder / "probe.pt")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in histories[name]))
+        records.append({"seed": seed, "name": name, **record})
+    torch.manual_seed(seed)                                   # the VAEs' common initial weights, never trained
+    untrained = vae.VAE(args.latent_dim, args.image_size).to(device, memory_format=torch.channels_last)
+    for name in CONTROLS:
+        features = pixel_features(splits) if name == "pixels" else encode_splits(untrained, splits, args.batch_size,
+                                                                                  autocast_dtype)
+        path = run_dir / f"seed{seed}" / name / "checkpoint-probe-std.pt"
+        *_, stats = train_probe(f"stage 2 [seed {seed}, {name}, standardized]", probe.standardize(features), splits,
+                                num_classes, seed, args, path, progress)
+        records.append({"seed": seed, "name": name, "std_test_top1": stats["test_top1"],
+                        "std_test_top5": stats["test_top5"]})
+    return records, histories, vaes
+
+# -----------------------------------------------------------------------------
+# Report: results.md, results.json, pictures
+
+
+def mean_std(values):
+    """'41.5 +- 0.31' over seeds, three significant digits (the value alone for one seed; '' for none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    spread = f" +- {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3g}{spread}"
+
+
+def markdown_table(records, names, columns):
+    """One row per name, one cell per (title, key): mean +- std over the records (seeds) of that name."""
+    lines = ["| run | n | " + " | ".join(title for title, _ in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for name in names:
+        rows = [r for r in records if r["name"] == name]
+        cells = [mean_std([r.get(key) for r in rows]) for _, key in columns]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(run_dir, args, records, precision, wall_seconds):
+    """results.json (every record, with args, machine and wall time) and results.md (mean +- std over seeds)."""
+    summary = {"args": vars(args), "precision": precision, "torch": torch.__version__,
+               "python": platform.python_version(), "machine": platform.platform(), "threads": torch.get_num_threads(),
+               "wall_seconds_last_invocation": wall_seconds, "records": records}
+    write_json(run_dir / "results.json", summary)
+    vaes, n = ["none", *args.augs], len(args.seed_list)
+    sections = [
+        f"# {args.dataset}, {args.image_size}x{args.image_size}, {args.epochs} VAE epochs, {args.probe_epochs} probe "
+        f"epochs, seeds {args.seeds} (mean +- std over n seeds)",
+        "## Probe on the frozen encoder (test %)\n\n`mu` is the paper's protocol; `standardized` divides every "
+        "feature by its train-split std (the controls need it).\n\n" + markdown_table(records, vaes + list(CONTROLS), [
+            ("top-1 (mu)", "test_top1"), ("top-5 (mu)", "test_top5"), ("top-1 (standardized)", "std_test_top1"),
+            ("top-5 (standardized)", "std_test_top5"), ("KL nats/image", "kl"), ("dims > 0.1 nat", "informative_dims")]),
+        "## How much of each augmentation is undone (per-pixel MSE against the clean test image)\n\n"
+        + markdown_table(records, args.augs, [
+            ("x_aug", "mse_augmented_input"), ("baseline from x_aug", "baseline_mse_from_aug"),
+            ("augmented VAE from x_aug", "augmented_mse_from_aug"), ("baseline from x", "baseline_mse_from_clean"),
+            ("augmented VAE from x", "augmented_mse_from_clean"), ("undone, baseline", "baseline_undone"),
+            ("undone, augmented VAE", "augmented_undone")]),
+        "## Which transformations keep the label\n\nTest top-1 of each VAE's probe (trained on clean images) on "
+        "augmented test images; mu shift: 0 = mu unchanged by the augmentation, 1 = as far as another image's.\n\n"
+        + markdown_table(records, args.augs, [
+            ("top-1 on x_aug, baseline", "baseline_top1_on_aug"), ("top-1 on x_aug, augmented VAE",
+                                                                   "augmented_top1_on_aug"),
+            ("mu shift, baseline", "baseline_latent_shift"), ("mu shift, augmented VAE", "augmented_latent_shift")]),
+    ]
+    (run_dir / "results.md").write_text("\n\n".join(sections) + "\n")
+    print("\n" + sections[1].split("\n\n")[-1] + f"\n(n = {n} seeds; all tables in {run_dir / 'results.md'})")
+
+
+def to_pil(x):
+    """float (3, H, W) in [0, 1] -> PIL image."""
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+@torch.no_grad()
+def draw_reconstructions(path, vaes, x_uint8, strength, image_size, num_images=8, scale=2):
+    """The clean x, then per augmentation three rows: x_aug, the baseline's and the augmented VAE's
+    sigmoid(decode(mu)) from x_aug (the paper's Figures 1-4, every augmentation on one sheet)."""
+    def x_hat(name, x_in):
+        return torch.sigmoid(reconstruct(vaes[name], x_in, None)[0])        # (B, 3, H, W) in [0, 1]
+    x = data.to_float(x_uint8[:num_images])                                    # (B, 3, H, W)
+    rows, titles = [x, x_hat("none", x)], ["clean x", "VAE 'none'\nfrom x"]
+    for aug in [name for name in vaes if name != "none"]:
+        x_aug = augment.AUGMENTATIONS[aug](x, strength, torch.Generator().manual_seed(0))
+        rows += [x_aug, x_hat("none", x_aug), x_hat(aug, x_aug)]
+        titles += [f"x_aug\n({aug})", "VAE 'none'\nfrom x_aug", f"VAE '{aug}'\nfrom x_aug"]
+    size, left = image_size * scale, 110
+    sheet = Image.new("RGB", (left + num_images * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (title, row) in enumerate(zip(titles, rows)):
+        draw.multiline_text((6, r * size + size // 2 - 12), title, "black", ImageFont.load_default())
+        for c, img in enumerate(row):
+            sheet.paste(to_pil(img).resize((size, size), Image.NEAREST), (left + c * size, r * size))
+    sheet.save(path)
+
+
+def draw_curves(path, histories):
+    """Per-epoch probe top-1, top-5 and loss, train (thin) and validation (thick), one colour per VAE."""
+    font = ImageFont.load_default()
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127)]
+    panel_w, panel_h, margin = 360, 260, 48
+    legend_rows = (len(histories) + 2) // 3
+    sheet = Image.new("RGB", (3 * panel_w, panel_h + 14 + 14 * legend_rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    epochs = max(r["epoch"] for h in histories.values() for r in h)
+    for p, metric in enumerate(("top1", "top5", "loss")):
+        x0, y0, x1, y1 = p * panel_w + margin, 20, (p + 1) * panel_w - 12, panel_h - 30
+        values = [r[f"{s}_{metric}"] for h in histories.values() for r in h for s in ("train", "val")]
+        low, high = min(values), max(values)
+        high = high if high > low else low + 1
+
+        def to_xy(epoch, value):
+            return (x0 + (x1 - x0) * (epoch - 1) / max(epochs - 1, 1), y1 - (y1 - y0) * (value - low) / (high - low))
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        draw.text((x0, 4), {"top1": "top-1 (%)", "top5": "top-5 (%)", "loss": "cross-entropy"}[metric], "black", font)
+        for i in range(5):                                                 # ticks on both axes
+            value = low + (high - low) * i / 4
+            draw.text((x0 - 44, to_xy(1, value)[1] - 5), f"{value:.3g}", "black", font)
+        for epoch in sorted({round(1 + (epochs - 1) * i / 4) for i in range(5)}):
+            draw.text((to_xy(epoch, low)[0] - 6, y1 + 4), f"{epoch}", "black", font)
+        draw.text(((x0 + x1) // 2 - 14, y1 + 16), "epoch", "black", font)
+        for colour, h in zip(colours, histories.values()):
+            for split, width in (("train", 1), ("val", 3)):
+                draw.line([to_xy(r["epoch"], r[f"{split}_{metric}"]) for r in h], fill=colour, width=width)
+    for i, name in enumerate(histories):                                      # legend, three names a row
+        draw.text((margin + 360 * (i % 3), panel_h + 12 + 14 * (i // 3)), f"{name}: thin train, thick val",
+                  colours[i % len(colours)], font)
+    sheet.save(path)
+
+# -----------------------------------------------------------------------------
+# The experiment, start to end
+
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    run_dir = prepare_run_dir(args)                  # a run that continues keeps the precision it started with
+    args.precision, reason = pick_precision(args.precision, device, args.image_size)
+    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    tune_allocator()
+    install_signal_handlers()
+    print(f"{device}, {args.precision}: {reason}", flush=True)
+    with exits_cleanly(run_dir):
+        splits, num_classes = load_data(args, device)
+        write_json(run_dir / "args.json", vars(args))
+        progress = Progress(args, splits, num_classes, run_dir, device)
+        records, first_seed = [], None
+        for seed in args.seed_list:
+            seed_records, histories, vaes = run_seed(seed, args, splits, num_classes, device, autocast_dtype,
+                                                     run_dir, progress)
+            records += seed_records
+            first_seed = first_seed or (histories, vaes)
+    histories, vaes = first_seed
+    write_results(run_dir, args, records, args.precision, time.perf_counter() - t_start)
+    draw_reconstructions(run_dir / "reconstructions.png", vaes, splits["test"][0], args.strength, args.image_size)
+    draw_curves(run_dir / "curves.png", {name: [r for r in h if r["stage"] == "probe"] for name, h in histories.items()})
+    print(f"wrote {run_dir}/: results.md, results.json, reconstructions.png, curves.png, "
+          f"seed*/<run>/ (vae.pt, probe.pt, checkpoints)")
+
+# -----------------------------------------------------------------------------
+# Machinery: errors and signals, device and precision, CUDA graph, run folder and checkpoints, progress and time
+
+
+STOP = threading.Event()  # set by SIGINT/SIGTERM; the training loops check it after every step
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint has been saved in answer to SIGINT/SIGTERM."""
+
+
+def fail(message, status=2):
+    """Stop with one clear line on stderr and no traceback: status 2 for usage and input errors."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def check_finite(loss, where, folder, hint="a lower --lr or --precision fp32"):
+    """Stop with status 3 when the loss is NaN or infinite; the last checkpoint (the previous epoch) is kept."""
+    if not math.isfinite(loss):
+        fail(f"{where}: diverged, the loss is {loss}. The last good checkpoint is kept in {folder}; try {hint}", 3)
+
+
+@contextlib.contextmanager
+def exits_cleanly(run_dir):
+    """Turn a data problem into its message and status 2, and a signal into the resume command and status 130."""
+    try:
+        yield
+    except data.DataError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2)
+    except Interrupted:
+        print(f"\nstopped by a signal; the checkpoint is saved. Resume with:\n"
+              f"  python main.py --out {run_dir} --resume", file=sys.stderr)
+        raise SystemExit(130)   # 128 + SIGINT, the shell's convention
+
+
+def install_signal_handlers():
+    """SIGINT/SIGTERM: let the current step finish and checkpoint; a second signal stops at once."""
+    def request_stop(signum, frame):
+        STOP.set()
+        signal.signal(signum, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
+
+def tune_allocator():
+    """Stop glibc from returning big activation buffers to the OS after every step (Linux only).
+
+    By default malloc serves blocks above 128 KiB with mmap and frees them with munmap, so every step
+    page-faults its activations in again; raising the mmap and trim thresholds keeps them in the heap
+    (at 64x64, batch 128, on a 2-core CPU: 26,844 page faults per step before, 0 to ~1,100 after)."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                           # musl or another libc: nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)           # the largest glibc accepts on 64-bit systems
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def pick_device(name):
@@ -136,72 +611,90 @@ def pick_device(name):
     return device
 
 
-def pick_precision(choice, device):
-    """The autocast dtype (bf16) or None for plain fp32. bf16 only where it is fast: emulated, it is ~10x slower."""
-    if choice == "fp32":
-        return None
+def pick_precision(choice, device, image_size):
+    """'fp32' or 'bf16' (autocast), and why. 'auto' follows rules measured with tests/bench.py (README, Speed),
+    never a timed trial, so one command always picks the same."""
+    if choice != "auto":
+        return choice, "set by --precision, or kept from the run's start"
     if device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
-    else:
-        fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if choice == "bf16" or fast:
-        return torch.bfloat16
-    return None
+        return "fp32", "at batch 128 this network is launch-bound on a GPU, and bf16 autocast only adds cast kernels"
+    if not cpu_has_native_bf16():
+        return "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated, ~10x slower"
+    if image_size < 64:
+        return "fp32", "on this CPU bf16 pays off only from 64x64; below, its casts cost more than it saves"
+    return "bf16", "this CPU runs bf16 natively, faster than fp32 at 64x64 and up"
 
 
-def tune_allocator():
-    """Stop glibc from returning big activation buffers to the OS after every step (Linux only).
-
-    By default malloc serves blocks above 128 KiB with mmap and frees them with munmap, so every step
-    page-faults its activations in again; raising the mmap and trim thresholds keeps them in the heap
-    (at 64x64, batch 128, on our CPU: 26,844 page faults per step before, 0 to ~1,100 after)."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:                           # musl or another libc: nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # from glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)           # the largest glibc accepts on 64-bit systems
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-# -----------------------------------------------------------------------------
-# Data, run folder and checkpoints
+def cpu_has_native_bf16():
+    """True where oneDNN runs bf16 in hardware (AVX512-BF16 or AMX); elsewhere it emulates it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def load_data(args, device, amp):
-    """Load, split off validation, resize once, move to the device: uint8 (N, 3, S, S), int64 (N,)."""
-    x_train, y_train, x_test, y_test = data.LOADERS[args.dataset](args.data_dir)
-    if args.limit is not None and args.limit > len(x_train):
-        fail(f"--limit {args.limit} is more than the {len(x_train)} training images of {args.dataset}")
-    x_train, y_train, x_val, y_val = data.split_validation(x_train, y_train, VAL_FRACTION, args.limit, SPLIT_SEED)
-    if args.batch_size > len(x_train):
-        fail(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
-    if len(x_val) == 0:
-        fail(f"--limit {args.limit} leaves no validation images (they are {VAL_FRACTION:.0%}); use at least 10")
-    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
-    splits = {k: (data.resize(x, args.image_size).to(device), y.to(device)) for k, (x, y) in splits.items()}
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    print(f"{args.dataset}: {len(x_train)} train, {len(x_val)} val, {len(x_test)} test images at "
-          f"{args.image_size}x{args.image_size}, {num_classes} classes; {device}, {'bf16' if amp else 'fp32'}", flush=True)
-    return splits, num_classes
+def autocast(device, autocast_dtype):
+    """bf16 autocast when autocast_dtype is set, a no-op context for plain fp32. No weight-cast cache, so a
+    CUDA graph may capture it."""
+    return torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                          cache_enabled=False)
+
+
+class cuda_graphed:
+    """Wrap a training step (any function of tensors that returns a tensor) so that it is recorded once as a CUDA
+    graph and then replayed: one launch for the whole forward, loss, backward and optimizer step instead of
+    hundreds. The first WARMUP calls run eagerly on a side stream (the capture needs warmed-up kernels and
+    optimizer state); the next one copies its tensor arguments into fixed buffers, captures, and from then on every
+    call copies its new inputs into those buffers and replays. Every call is one real step: the result is the
+    same training as the eager step. Needs Adam(capturable=True). PyTorch's notes, "CUDA Graphs":
+    https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
+    WARMUP = 3
+
+    def __init__(self, step):
+        self.step, self.calls, self.graph = step, 0, None
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                out = self.step(*args)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return out
+        if self.graph is None:
+            self.args = [a.clone() if torch.is_tensor(a) else a for a in args]   # the buffers the graph reads
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(*self.args)
+        else:
+            for buffer, a in zip(self.args, args):
+                if torch.is_tensor(a):
+                    buffer.copy_(a)
+        self.graph.replay()
+        return self.out.clone()
 
 
 def prepare_run_dir(args):
-    """Create the run folder; refuse to silently overwrite a run that is already there."""
+    """Create the run folder. It holds a run once a checkpoint exists: then the same settings continue it (finished
+    parts are skipped), other settings are refused; before that, a failed start leaves nothing in the way."""
     run_dir = Path(args.out)
-    holds_run = (run_dir / "args.json").exists()
+    holds_run = run_dir.is_dir() and any(run_dir.rglob("checkpoint-*.pt"))
     if args.resume and not holds_run:
         fail(f"--resume: {run_dir} holds no run to continue")
-    if holds_run and not (args.resume or args.overwrite):
-        fail(f"{run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
+    if holds_run and not args.overwrite:
+        saved = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").exists() else vars(args)
+        same = ("dataset", "strength", "epochs", "probe_epochs", "batch_size", "image_size", "lr", "probe_lr",
+                "latent_dim", "beta", "limit", "precision")
+        if args.precision == "auto" or args.resume:
+            args.precision = saved["precision"]         # a run keeps the precision it started with
+        differ = [f"--{key.replace('_', '-')} {saved.get(key)} (asked: {getattr(args, key)})"
+                  for key in same if saved.get(key) != getattr(args, key)]
+        if differ:
+            fail(f"{run_dir} holds a run with other settings: {', '.join(differ)}; "
+                 f"use another --out, or --overwrite to start over")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
-            for old in run_dir.glob("checkpoint-*.pt"):
+            for old in run_dir.rglob("checkpoint-*.pt"):
                 old.unlink()
-        if not args.resume:
-            write_json(run_dir / "args.json", vars(args))
     except OSError as e:
         fail(f"cannot write to the output folder {run_dir}: {e.strerror}")
     return run_dir
@@ -216,6 +709,7 @@ def write_json(path, obj):
 
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a half checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -224,10 +718,33 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """The saved state, or a clear error for a truncated or unreadable file."""
     try:
-        return torch.load(path, map_location="cpu")
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:   # torch raises several types for a damaged file
         fail(f"checkpoint {path} is truncated or unreadable ({type(e).__name__}); "
              f"delete it to redo that stage, or start over with --overwrite")
+
+
+def save_vae(path, st, model, optimizer, batch_rng, aug_rng):
+    """Everything stage 1 needs to continue exactly: weights, Adam's moments, the three random streams."""
+    save_checkpoint(path, {**st, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "batch_rng": batch_rng.get_state(), "aug_rng": aug_rng.get_state(),
+                           "torch_rng": torch.get_rng_state(),
+                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+
+
+def restore_vae(path, model, optimizer, batch_rng, aug_rng, device):
+    """Load what save_vae wrote into the live objects; return the loop's state (epoch, step, sums, history)."""
+    st = load_checkpoint(path)
+    model.load_state_dict(st.pop("model"))
+    optimizer.load_state_dict(st.pop("optimizer"))
+    batch_rng.set_state(st.pop("batch_rng"))
+    aug_rng.set_state(st.pop("aug_rng"))
+    torch.set_rng_state(st.pop("torch_rng"))      # the global stream draws eps in reparameterize
+    cuda_rng = st.pop("cuda_rng")
+    if cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
+    st["sums"] = st["sums"].to(device)
+    return st
 
 
 def peak_memory_mb():
@@ -240,277 +757,118 @@ def peak_memory_mb():
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def rng_state():
-    """The global CPU (and CUDA) random state, which draws eps in reparameterize: saved for an exact resume."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    """Restore what rng_state saved."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-# -----------------------------------------------------------------------------
-# Stage 1: learn the augmentation
-
-
-def train_step(model, optimizer, x_uint8, augment_fn, aug_rng, args, amp):
-    """One step of stage 1, the paper's idea in two lines: augmented in, clean out. -> [loss, recon, kl]"""
-    x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W) float in [0, 1]
-    x_aug = augment_fn(x, args.strength, aug_rng)                             # (B, 3, H, W) float in [0, 1]
-    with autocast(x.device, amp):
-        x_logits, mu, logvar = model(x_aug)
-    parts = vae.elbo(x_logits, x, mu, logvar, args.beta)
-    optimizer.zero_grad(set_to_none=True)
-    parts.loss.backward()
-    optimizer.step()
-    return torch.stack([parts.loss.detach(), parts.recon.mean(), parts.kl.mean()]).tolist()  # one sync
-
-
-def autocast(device, amp):
-    """bf16 autocast when `amp` is set; a no-op context for plain fp32."""
-    return torch.autocast(device.type, amp or torch.float32, enabled=amp is not None)
-
-
-def train_vae(name, splits, args, device, amp, run_dir):
-    """Stage 1: train a VAE on (augment(x) -> x); checkpointed every epoch and on a signal, resumable."""
-    torch.manual_seed(args.seed)      # both VAEs start from the same weights: a controlled comparison
-    model = vae.VAE(args.latent_dim, args.image_size).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    batch_rng, aug_rng = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
-    x_train, y_train = splits["train"]
-    steps = len(x_train) // args.batch_size
-    st = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0, "sums": [0.0, 0.0, 0.0]}
-    path = run_dir / f"checkpoint-{name}-vae.pt"
-    if path.exists():
-        st = load_checkpoint(path)
-        model.load_state_dict(st["model"]), optimizer.load_state_dict(st["optimizer"])
-        batch_rng.set_state(st["batch_rng"]), aug_rng.set_state(st["aug_rng"]), set_rng_state(st["rng"])
-    save = lambda: save_checkpoint(path, {**st, "model": model.state_dict(), "optimizer": optimizer.state_dict(),  # noqa: E731
-                                          "batch_rng": batch_rng.get_state(), "aug_rng": aug_rng.get_state(),
-                                          "rng": rng_state()})
-    clock = Progress(f"stage 1 [{name}]", args, steps, st)
-    while st["epoch"] < args.epochs:
-        if st["step"] == 0:
-            st["epoch_rng"] = batch_rng.get_state()    # the epoch's batch order, kept for a mid-epoch resume
-        else:
-            batch_rng.set_state(st["epoch_rng"])       # resuming mid-epoch: draw the same order again
-        model.train()
-        for step, (x_uint8, _) in enumerate(data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng)):
-            if step < st["step"]:
-                continue                               # resuming mid-epoch: skip the steps already taken
-            values = train_step(model, optimizer, x_uint8, augment.AUGMENTATIONS[name], aug_rng, args, amp)
-            if not math.isfinite(values[0]):
-                fail(f"stage 1 ({name}) diverged: the loss is {values[0]} at epoch {st['epoch'] + 1}, step {step + 1}. "
-                     f"The last good checkpoint is kept in {run_dir}; try a lower --lr or --precision fp32", 3)
-            st["sums"] = [a + b for a, b in zip(st["sums"], values)]
-            st["step"] += 1
-            clock.tick(values[0])
-            if STOP.is_set():
-                save()
-                raise Interrupted
-        row = {f"train_{k}": v / steps for k, v in zip(("loss", "recon", "kl"), st["sums"])}
-        row.update(evaluate_vae(model, splits["val"][0][:VAL_IMAGES], augment.AUGMENTATIONS[args.aug], args, amp))
-        st["history"].append({"run": name, "stage": "vae", "epoch": st["epoch"] + 1, **row})
-        st.update(epoch=st["epoch"] + 1, step=0, sums=[0.0, 0.0, 0.0])
-        save()
-        print(f"stage 1 [{name}] epoch {st['epoch']}/{args.epochs} done: train loss {row['train_loss']:.1f}, val loss "
-              f"{row['val_loss_clean']:.1f} from clean, {row['val_loss_aug']:.1f} from augmented input; "
-              f"peak memory {peak_memory_mb():.0f} MB", flush=True)
-    return model, st["history"], {"vae_seconds": st["seconds"],
-                                  "vae_images_per_s": args.epochs * steps * args.batch_size / st["seconds"]}
-
-
 class Progress:
-    """Adds up stage-1 seconds in the checkpointed state and prints a line every --log-every seconds."""
+    """Progress lines every --log-every seconds with the ETA of the whole command, and once, after the first
+    few stage-1 steps, the predicted wall time of everything still to do (all VAEs, all probes)."""
+    WARMUP, FORECAST_AFTER = 3, 10     # steps skipped (slower: allocation, autotuning), then steps timed
 
-    def __init__(self, title, args, steps, st):
-        self.title, self.args, self.steps, self.st = title, args, steps, st
-        self.start = self.last = time.perf_counter()
-        self.seconds_before, self.done = st["seconds"], 0
+    def __init__(self, args, splits, num_classes, run_dir, device):
+        self.args, self.num_classes, self.device = args, num_classes, device
+        self.steps_per_epoch = len(splits["train"][0]) // args.batch_size
+        self.vae_steps_left, self.probe_epochs_left = 0, 0
+        for seed in args.seed_list:
+            for name in ["none", *args.augs, *CONTROLS]:
+                folder = run_dir / f"seed{seed}" / name
+                if name not in CONTROLS:
+                    self.vae_steps_left += self.steps_per_epoch * (args.epochs - saved_epoch(folder / "checkpoint-vae.pt"))
+                    self.probe_epochs_left += args.probe_epochs - saved_epoch(folder / "checkpoint-probe.pt")
+                self.probe_epochs_left += args.probe_epochs - saved_epoch(folder / "checkpoint-probe-std.pt")
+        self.steps_seen, self.last_step, self.last_line = 0, time.perf_counter(), time.perf_counter()
+        self.vae_step_seconds, self.probe_epoch_seconds = None, None
 
-    def tick(self, loss):
-        st, args, now = self.st, self.args, time.perf_counter()
-        st["seconds"], self.done = self.seconds_before + now - self.start, self.done + 1
-        if now - self.last < args.log_every and not STOP.is_set():
+    def vae_step_done(self):
+        """Count a stage-1 step and keep a running mean of the seconds per step."""
+        now = time.perf_counter()
+        seconds, self.last_step = now - self.last_step, now
+        self.vae_steps_left -= 1
+        self.steps_seen += 1
+        if self.steps_seen == self.WARMUP:
+            sync(self.device)
+            self.window_start = time.perf_counter()
+        elif self.steps_seen == self.WARMUP + self.FORECAST_AFTER:
+            sync(self.device)
+            self.vae_step_seconds = (time.perf_counter() - self.window_start) / self.FORECAST_AFTER
+            self.forecast()
+            self.last_step = time.perf_counter()
+        elif self.vae_step_seconds and seconds < 5 * self.vae_step_seconds:   # not a step after an evaluation
+            self.vae_step_seconds += 0.02 * (seconds - self.vae_step_seconds)
+
+    def probe_epoch_done(self, seconds):
+        self.probe_epochs_left -= 1
+        if self.probe_epoch_seconds is not None:
+            self.probe_epoch_seconds += 0.2 * (seconds - self.probe_epoch_seconds)
+
+    def eta_seconds(self):
+        if self.vae_step_seconds is None:
+            return None
+        return self.vae_steps_left * self.vae_step_seconds + self.probe_epochs_left * self.probe_epoch_seconds
+
+    def forecast(self):
+        """Print the predicted wall time of the rest of the command; over an hour, what the quick protocol costs."""
+        self.probe_epoch_seconds = self.steps_per_epoch * seconds_per_head_step(self.args, self.num_classes, self.device)
+        eta = self.eta_seconds()
+        print(f"forecast: the whole command needs about {format_seconds(eta)} more on this machine "
+              f"({self.vae_step_seconds * 1000:.0f} ms per stage-1 step)", flush=True)
+        if eta > 3600 and (self.args.image_size > 32 or self.args.epochs > 10):
+            vae_runs = len(self.args.seed_list) * (1 + len(self.args.augs))
+            quick = (vae_runs * 10 * self.steps_per_epoch * seconds_per_vae_step(32, self.args, self.device)
+                     + self.probe_epochs_left * self.probe_epoch_seconds)
+            print(f"forecast: the quick protocol, --image-size 32 --epochs 10, makes the same comparison in about "
+                  f"{format_seconds(quick)} here (the defaults are the paper's protocol)", flush=True)
+
+    def due(self):
+        return time.perf_counter() - self.last_line >= self.args.log_every
+
+    def print(self, text, force=False):
+        if not (force or self.due() or STOP.is_set()):
             return
-        self.last, rate = now, self.done * args.batch_size / (now - self.start)
-        left = (args.epochs - st["epoch"]) * self.steps - st["step"]
-        print(f"{self.title} epoch {st['epoch'] + 1}/{args.epochs} step {st['step']}/{self.steps} loss {loss:.1f}"
-              f" = -recon {-st['sums'][1] / st['step']:.1f} + kl {st['sums'][2] / st['step']:.1f} | "
-              f"{rate:.0f} img/s | ETA {left * args.batch_size / rate / 60:.1f} min", flush=True)
+        self.last_line = time.perf_counter()
+        eta = self.eta_seconds()
+        print(text + (f" | ETA {format_seconds(eta)}" if eta is not None else ""), flush=True)
 
 
-@torch.no_grad()
-def evaluate_vae(model, x_uint8, augment_fn, args, amp):
-    """-ELBO and per-pixel squared error of sigmoid(decode(mu)) against the clean x, from clean inputs and
-    from inputs augmented with --aug (for the baseline too; a fixed seed, so epochs are comparable)."""
-    x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)   # (N, 3, H, W) in [0, 1]
-    fixed = torch.Generator().manual_seed(12345)
-    metrics = {}
-    for kind, x_in in (("clean", x), ("aug", augment_fn(x, args.strength, fixed))):
-        x_logits, mu, logvar = reconstruct(model, x_in, amp)
-        metrics[f"val_loss_{kind}"] = vae.elbo(x_logits, x, mu, logvar, args.beta).loss.item()
-        metrics[f"mse_{kind}"] = (torch.sigmoid(x_logits) - x).pow(2).mean().item()
-    return metrics
+def saved_epoch(path):
+    """The number of epochs a checkpoint has finished (0 when there is none)."""
+    return load_checkpoint(path)["epoch"] if path.exists() else 0
 
 
-@torch.no_grad()
-def reconstruct(model, x_in, amp):
-    """Deterministic reconstruction in eval mode: decode(mu), no sampling. -> float32 x_logits, mu, logvar"""
-    model.eval()
-    with autocast(x_in.device, amp):
-        mu, logvar = model.encode(x_in.contiguous(memory_format=torch.channels_last))
-        x_logits = model.decode(mu)                                              # (N, 3, H, W)
-    return x_logits.float(), mu.float(), logvar.float()
-
-# -----------------------------------------------------------------------------
-# Stage 2: freeze the encoder and probe it
+def format_seconds(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.1f} min"
 
 
-def train_probe(name, model, splits, num_classes, args, device, amp, run_dir):
-    """Extract mu once for every split, then train the paper's head; resumable per epoch."""
-    t0 = time.perf_counter()
-    features = {k: probe.extract_features(model, x, args.batch_size, amp) for k, (x, _) in splits.items()}
-    labels = {k: y for k, (_, y) in splits.items()}
-    feature_seconds = time.perf_counter() - t0
-    torch.manual_seed(args.seed)
-    head = probe.make_head(args.latent_dim, num_classes).to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
-    rng = torch.Generator().manual_seed(args.seed + 2)
-    st = {"epoch": 0, "history": [], "seconds": 0.0}
-    path = run_dir / f"checkpoint-{name}-probe.pt"
-    if path.exists():
-        st = load_checkpoint(path)
-        head.load_state_dict(st["head"]), optimizer.load_state_dict(st["optimizer"]), rng.set_state(st["rng"])
-    while st["epoch"] < args.probe_epochs:
-        t_epoch = time.perf_counter()
-        loss = probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, rng)
-        if not math.isfinite(loss):
-            fail(f"stage 2 ({name}) diverged: the loss is {loss} at epoch {st['epoch'] + 1}. "
-                 f"The last good checkpoint is kept in {run_dir}; try a lower --probe-lr", 3)
-        row = {"run": name, "stage": "probe", "epoch": st["epoch"] + 1}
-        for split in ("train", "val"):
-            row.update({f"{split}_{k}": v for k, v in probe.evaluate(head, features[split], labels[split]).items()})
-        st["history"].append(row)
-        st.update(epoch=st["epoch"] + 1, seconds=st["seconds"] + time.perf_counter() - t_epoch)
-        save_checkpoint(path, {**st, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                               "rng": rng.get_state()})
-        print(f"stage 2 [{name}] epoch {row['epoch']}/{args.probe_epochs} loss {row['train_loss']:.3f} "
-              f"train top-1 {row['train_top1']:.1f}% val top-1 {row['val_top1']:.1f}% "
-              f"top-5 {row['val_top5']:.1f}%", flush=True)
-        if STOP.is_set():
-            raise Interrupted
-    test = probe.evaluate(head, features["test"], labels["test"])
-    stats = {f"test_{k}": v for k, v in test.items()}
-    stats.update({k: v for k, v in st["history"][-1].items() if k.startswith(("train_", "val_"))},
-                 probe_seconds=feature_seconds + st["seconds"], feature_seconds=feature_seconds)
-    return head, st["history"], stats
-
-# -----------------------------------------------------------------------------
-# Report: table, summary.json, metrics.jsonl, pictures
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def to_pil(x):
-    """float (3, H, W) in [0, 1] -> PIL image."""
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+def seconds_per_head_step(args, num_classes, device, steps=20):
+    """Time a few steps of a throwaway probe head (its own random stream: the run's draws do not change)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        head = probe.make_head(args.latent_dim, num_classes).to(device)
+        optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
+        features = torch.randn(steps * args.batch_size, args.latent_dim, device=device)
+        y = torch.randint(0, num_classes, (len(features),), device=device)
+        probe.train_epoch(head, optimizer, features[:2 * args.batch_size], y[:2 * args.batch_size], args.batch_size,
+                          torch.Generator())                                 # warm-up
+        t_start = time.perf_counter()
+        probe.train_epoch(head, optimizer, features, y, args.batch_size, torch.Generator())
+        return (time.perf_counter() - t_start) / steps
 
 
-@torch.no_grad()
-def draw_reconstructions(path, models, x_uint8, aug, args, num_images=8, scale=2):
-    """Rows: clean x, x_aug, then each VAE's sigmoid(decode(mu)) from x_aug (the paper's Figures 1-4)."""
-    x = data.to_float(x_uint8[:num_images])                                    # (B, 3, H, W)
-    x_aug = augment.AUGMENTATIONS[aug](x, args.strength, torch.Generator().manual_seed(0))
-    rows = [x, x_aug] + [torch.sigmoid(reconstruct(model, x_aug, None)[0]) for model in models.values()]
-    titles = ["clean x", f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in models]
-    size, left = args.image_size * scale, 110
-    sheet = Image.new("RGB", (left + num_images * size, len(rows) * size), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (title, row) in enumerate(zip(titles, rows)):
-        draw.multiline_text((6, r * size + size // 2 - 12), title, "black", ImageFont.load_default())
-        for c, img in enumerate(row):
-            sheet.paste(to_pil(img).resize((size, size), Image.NEAREST), (left + c * size, r * size))
-    sheet.save(path)
-
-
-def draw_curves(path, histories):
-    """Per-epoch probe top-1, top-5 and loss, train (thin) and validation (thick), one colour per VAE."""
-    font, colours = ImageFont.load_default(), [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    panel_w, panel_h, margin = 360, 260, 48
-    sheet = Image.new("RGB", (3 * panel_w, panel_h + 30), "white")
-    draw = ImageDraw.Draw(sheet)
-    for p, metric in enumerate(("top1", "top5", "loss")):
-        x0, y0, x1, y1 = p * panel_w + margin, 20, (p + 1) * panel_w - 12, panel_h - 30
-        values = [r[f"{s}_{metric}"] for h in histories.values() for r in h for s in ("train", "val")]
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1
-        epochs = max(r["epoch"] for h in histories.values() for r in h)
-        to_xy = lambda e, v: (x0 + (x1 - x0) * (e - 1) / max(epochs - 1, 1), y1 - (y1 - y0) * (v - lo) / (hi - lo))  # noqa: E731
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        draw.text((x0, 4), {"top1": "top-1 (%)", "top5": "top-5 (%)", "loss": "cross-entropy"}[metric], "black", font)
-        for i in range(5):                                                 # ticks on both axes
-            v = lo + (hi - lo) * i / 4
-            draw.text((x0 - 44, to_xy(1, v)[1] - 5), f"{v:.3g}", "black", font)
-        for e in sorted({round(1 + (epochs - 1) * i / 4) for i in range(5)}):
-            draw.text((to_xy(e, lo)[0] - 6, y1 + 4), f"{e}", "black", font)
-        draw.text(((x0 + x1) // 2 - 14, y1 + 16), "epoch", "black", font)
-        for colour, (name, h) in zip(colours, histories.items()):
-            for split, width in (("train", 1), ("val", 3)):
-                draw.line([to_xy(r["epoch"], r[f"{split}_{metric}"]) for r in h], fill=colour, width=width)
-    for i, name in enumerate(histories):                                      # legend
-        draw.text((margin + 170 * i, panel_h + 12), f"{name}: thin train, thick val", colours[i], font)
-    sheet.save(path)
-
-
-def report(args, run_dir, runs, histories, models, splits, device, amp, wall_seconds):
-    print(f"\n{'VAE input':<22}{'test top-1':>11}{'test top-5':>11}{'val top-1':>10}"
-          f"{'mse clean':>11}{'mse aug':>10}{'img/s':>8}")
-    for name, r in runs.items():
-        print(f"{name:<22}{r['test_top1']:>10.2f}%{r['test_top5']:>10.2f}%{r['val_top1']:>9.2f}%"
-              f"{r['mse_clean']:>11.4f}{r['mse_aug']:>10.4f}{r['vae_images_per_s']:>8.0f}")
-    summary = {"args": vars(args), "device": str(device), "precision": "bf16" if amp else "fp32",
-               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.platform(),
-               "threads": torch.get_num_threads(), "wall_seconds": wall_seconds, "runs": runs}
-    write_json(run_dir / "summary.json", summary)
-    rows = [row for name in histories for row in histories[name]]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    draw_reconstructions(run_dir / "reconstructions.png", models, splits["test"][0], args.aug, args)
-    draw_curves(run_dir / "curves.png", {n: [r for r in h if r["stage"] == "probe"] for n, h in histories.items()})
-    print(f"wrote {run_dir}/: summary.json, metrics.jsonl, reconstructions.png, curves.png, vae-*.pt, probe-*.pt")
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    t0 = time.perf_counter()
-    args = parse_args(argv)
-    tune_allocator()
-    device = pick_device(args.device)
-    amp = pick_precision(args.precision, device)
-    run_dir = prepare_run_dir(args)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
-    try:
-        splits, num_classes = load_data(args, device, amp)
-        runs, histories, models = {}, {}, {}
-        for name in dict.fromkeys(("none", args.aug)):       # the baseline first, then --aug
-            model, vae_history, vae_stats = train_vae(name, splits, args, device, amp, run_dir)
-            head, probe_history, probe_stats = train_probe(name, model, splits, num_classes, args, device, amp, run_dir)
-            test = evaluate_vae(model, splits["test"][0][:VAL_IMAGES], augment.AUGMENTATIONS[args.aug], args, amp)
-            runs[name] = {**probe_stats, **vae_stats, "mse_clean": test["mse_clean"], "mse_aug": test["mse_aug"]}
-            histories[name], models[name] = vae_history + probe_history, model
-            torch.save(model.state_dict(), run_dir / f"vae-{name}.pt")
-            torch.save(head.state_dict(), run_dir / f"probe-{name}.pt")
-    except data.DataError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2)
-    except Interrupted:
-        print(f"\nstopped by a signal; the checkpoint is saved. Resume with:\n"
-              f"  python main.py --out {run_dir} --resume", file=sys.stderr)
-        raise SystemExit(130)   # 128 + SIGINT, the shell's convention
-    report(args, run_dir, runs, histories, models, splits, device, amp, time.perf_counter() - t0)
+def seconds_per_vae_step(image_size, args, device, steps=3):
+    """Time a few stage-1 steps of a throwaway VAE at another image size (own random stream, as above)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = vae.VAE(args.latent_dim, image_size).to(device, memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        x = torch.rand(args.batch_size, 3, image_size, image_size, device=device)
+        dtype = torch.bfloat16 if pick_precision("auto", device, image_size)[0] == "bf16" else None
+        train_step(model, optimizer, x, x, args.beta, dtype)                  # warm-up
+        sync(device)
+        t_start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, optimizer, x, x, args.beta, dtype)
+        sync(device)
+        return (time.perf_counter() - t_start) / steps
 
 
 if __name__ == "__main__":

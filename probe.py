@@ -10,16 +10,20 @@ posterior mean mu = encode(x)[0], not a sample z; train the paper's head on top 
 and report top-1 and top-5 accuracy on train and validation after every epoch, test once at the end.
 We keep the paper's head as it is, including its odd final ReLU: it clips every negative logit to 0,
 so a class can only win by a positive logit, and a class whose logit turns negative for every image
-gets no gradient again (a "dead" class: tests/test_probe.py shows one on five separable clusters). Simplification: the encoder is
-frozen, so mu is computed once for every image and the head trains on the cached (N, D) tensor; an
-epoch is then a fraction of a second. main.py calls these pieces and owns the epoch loop (so it can
-checkpoint every epoch); this file never imports vae.py, it takes any model with an `encode` method.
+gets no gradient again (a "dead" class: tests/test_probe.py shows one on five separable clusters).
+The encoder is frozen, so mu is computed once for every image and the head trains on the cached (N, D)
+tensor. Controls (ours): the same head on raw pixels and on an untrained encoder's mu; both need
+`standardize` (the untrained mu spreads by ~1e-3, below BatchNorm's epsilon). `latent_shift` measures how
+far an augmentation moves mu. main.py owns the epoch loop (so it can checkpoint every epoch) and the
+autocast; this file never imports vae.py, it takes any model with an `encode` method.
 
-Axes: B batch, N images, D latent size, K classes.
+Axes: B batch, N images, D feature size, K classes.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 HIDDEN = 32   # the paper's head width
 
@@ -28,27 +32,38 @@ HIDDEN = 32   # the paper's head width
 
 
 @torch.no_grad()
-def extract_features(model, x, batch_size, autocast_dtype=None):
+def extract_features(model, x, batch_size):
     """mu for every image: uint8 (N, 3, H, W) on the model's device -> float32 (N, D)."""
     model.eval()                   # BatchNorm uses its running statistics, not the batch's
     model.requires_grad_(False)    # the encoder is frozen: nothing here will ever be trained
     features = []
     for x_batch in x.split(batch_size):
-        x_batch = x_batch.float().div_(255)                          # (B, 3, H, W) float in [0, 1]
-        with torch.autocast(x.device.type, autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            mu, _ = model.encode(x_batch.contiguous(memory_format=torch.channels_last))
-        features.append(mu.float())                                  # (B, D)
-    return torch.cat(features)                                       # (N, D)
+        mu, _ = model.encode(data.to_float(x_batch))                 # (B, D)
+        features.append(mu.float())
+    return torch.cat(features)                                       # (N, D) float32
+
+
+def standardize(features):
+    """Per feature, subtract the train split's mean and divide by its std: {split: (N, D)} -> same shapes."""
+    mean, std = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)   # (D,), (D,)
+    return {split: (f - mean) / std for split, f in features.items()}
+
+
+def latent_shift(mu, mu_aug):
+    """How far an augmentation moves mu, relative to the distance between two different images:
+    mean ||mu_aug_i - mu_i|| / mean ||mu_i - mu_(i+1)||. 0: invariant; 1: as far as another image."""
+    moved = (mu_aug - mu).norm(dim=1).mean()                     # (N, D) -> scalar
+    typical = (mu - mu.roll(1, dims=0)).norm(dim=1).mean()       # image i against image i - 1
+    return (moved / typical).item()
 
 # -----------------------------------------------------------------------------
 # The head, and how it is scored
 
 
-def make_head(latent_dim, num_classes):
+def make_head(feature_dim, num_classes):
     """The paper's probe: Linear -> 32, BatchNorm, Tanh; Linear -> K, BatchNorm, ReLU."""
     return nn.Sequential(
-        nn.Linear(latent_dim, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(),
+        nn.Linear(feature_dim, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(),
         nn.Linear(HIDDEN, num_classes), nn.BatchNorm1d(num_classes), nn.ReLU())
 
 

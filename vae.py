@@ -102,9 +102,17 @@ class ELBO(NamedTuple):
     kl: torch.Tensor      # (B,): KL(q(z | x_aug) || N(0, I)) per image, summed over latent dims
 
 
+def kl_per_dimension(mu, logvar):
+    """Closed-form KL(N(mu_d, exp(logvar_d)) || N(0, 1)) of every latent dimension. (B, D) -> (B, D) nats
+
+    A dimension whose KL stays near 0 for every image carries no information about it: the posterior
+    ignores the input there ("posterior collapse"); main.py counts the dimensions above 0.1 nat."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def kl_divergence(mu, logvar):
     """Closed-form KL(N(mu, exp(logvar)) || N(0, I)), summed over D. (B, D) -> (B,)"""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+    return kl_per_dimension(mu, logvar).sum(dim=1)
 
 
 def elbo(x_logits, x, mu, logvar, beta=1.0):

@@ -1,4 +1,5 @@
-"""main.py end to end on the offline `shapes` data: outputs, bad input, resume, determinism, divergence."""
+"""main.py end to end on the offline `shapes` data: outputs, the sweep, bad input, resume, determinism, divergence,
+and the study's measurements on inputs with known answers."""
 import json
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import vae
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "shapes", "--limit", "320", "--epochs", "2", "--probe-epochs", "3",
         "--batch-size", "32", "--image-size", "32", "--latent-dim", "32", "--aug", "crop"]
-METRICS = ("test_top1", "test_top5", "test_loss", "val_top1", "val_top5", "train_top1", "mse_clean", "mse_aug")
+METRICS = ("test_top1", "test_top5", "test_loss", "val_top1", "std_test_top1", "kl", "augmented_mse_from_aug",
+           "baseline_top1_on_aug", "augmented_latent_shift")
 
 
 def run_main(*args, **kwargs):
@@ -27,8 +29,8 @@ def run_main(*args, **kwargs):
 
 
 def metrics(run_dir):
-    runs = json.loads((Path(run_dir) / "summary.json").read_text())["runs"]
-    return {name: {k: r[k] for k in METRICS} for name, r in runs.items()}
+    records = json.loads((Path(run_dir) / "results.json").read_text())["records"]
+    return {(r["seed"], r["name"]): {k: r.get(k) for k in METRICS} for r in records}
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +54,25 @@ def restore_signals():
 
 def test_end_to_end_writes_every_output(reference_run):
     out, stdout = reference_run
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["runs"]) == {"none", "crop"} and summary["torch"] == torch.__version__
-    for r in summary["runs"].values():
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["torch"] == torch.__version__ and summary["precision"] == "fp32"
+    records = {r["name"]: r for r in summary["records"]}
+    assert set(records) == {"none", "crop", "pixels", "random-encoder"}
+    for name in ("none", "crop"):
+        r = records[name]
         assert 0 <= r["test_top1"] <= r["test_top5"] <= 100 and r["test_top5"] > 0
-        assert 0 < r["mse_clean"] < 0.25 and 0 < r["mse_aug"] < 0.25
         assert r["vae_images_per_s"] > 0 and r["vae_seconds"] > 0 and r["probe_seconds"] > 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * (2 + 3)                                     # 2 runs x (2 VAE + 3 probe epochs)
-    assert Image.open(out / "reconstructions.png").size == (110 + 8 * 64, 4 * 64)
+        assert r["kl"] > 0 and 0 <= r["informative_dims"] <= 32
+        rows = [json.loads(line) for line in (out / "seed0" / name / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 + 3                                       # 2 VAE epochs + 3 probe epochs
+        model, head = vae.VAE(latent_dim=32, image_size=32), probe.make_head(32, 9)
+        model.load_state_dict(torch.load(out / "seed0" / name / "vae.pt"))
+        head.load_state_dict(torch.load(out / "seed0" / name / "probe.pt"))
+    assert 0 < records["crop"]["mse_augmented_input"] < 0.25 and 0 < records["crop"]["augmented_mse_from_aug"] < 0.25
+    assert Image.open(out / "reconstructions.png").size == (110 + 8 * 64, 5 * 64)   # x, x_hat, x_aug, 2 x_hat
     assert Image.open(out / "curves.png").size[0] > 600
-    model, head = vae.VAE(latent_dim=32, image_size=32), probe.make_head(32, 9)
-    model.load_state_dict(torch.load(out / "vae-crop.pt"))
-    head.load_state_dict(torch.load(out / "probe-crop.pt"))
-    assert "test top-1" in stdout and "stage 1 [crop] epoch 2/2" in stdout
+    assert "| crop | 1 |" in (out / "results.md").read_text()
+    assert "forecast: the whole command needs about" in stdout and "stage 1 [seed 0, crop] epoch 2/2" in stdout
 
 
 def test_same_seed_gives_the_same_metrics(reference_run, tmp_path):
@@ -79,22 +86,60 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(reference_run, tmp_path
     proc = subprocess.Popen([sys.executable, "main.py", *TINY, "--out", str(out), "--log-every", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:                               # wait until stage 1 is midway through epoch 2
-        if "stage 1 [none] epoch 2/2 step 3/" in line:
+        if "stage 1 [seed 0, none] epoch 2/2 step 3/" in line:
             proc.send_signal(signal.SIGINT)
             break
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in stderr
-    assert not (out / "summary.json").exists()
+    assert not (out / "results.json").exists()
     status, stdout, stderr = run_main("--out", str(out), "--resume")
     assert status == 0, stderr
-    assert "stage 1 [none] epoch 1/2" not in stdout          # the finished epoch was not trained again
+    assert "stage 1 [seed 0, none] epoch 1/2" not in stdout     # the finished epoch was not trained again
     assert metrics(out) == metrics(reference_run[0])
 
 
-def test_a_run_folder_is_never_silently_overwritten(reference_run, capsys, restore_signals):
+def test_the_same_command_again_skips_what_is_finished(reference_run, tmp_path):
+    out = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(reference_run[0]), str(out)], check=True)
+    status, stdout, stderr = run_main(*TINY, "--out", str(out))
+    assert status == 0, stderr
+    assert "stage 1 [" not in stdout and "stage 2 [" not in stdout     # nothing trained again
+    assert metrics(out) == metrics(reference_run[0])
+
+
+def test_other_settings_in_a_run_folder_are_refused(reference_run, capsys, restore_signals):
     with pytest.raises(SystemExit) as e:
-        main.main([*TINY, "--out", str(reference_run[0])])
-    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+        main.main([*TINY, "--out", str(reference_run[0]), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--epochs 2 (asked: 3)" in err and "--overwrite" in err
+
+
+def test_a_failed_start_leaves_nothing_in_the_way(cifar_dir, tmp_path, monkeypatch, capsys, restore_signals):
+    command = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"),
+               "--limit", "20", "--batch-size", "4", "--epochs", "1", "--probe-epochs", "1", "--image-size", "32",
+               "--latent-dim", "8", "--aug", "rotate"]
+    hidden = tmp_path / "hidden"
+    (cifar_dir / "cifar-10-batches-py").rename(hidden)                  # offline, and no data yet
+    monkeypatch.setenv("CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # port 9: nothing listens
+    with pytest.raises(SystemExit) as e:
+        main.main(command)
+    assert e.value.code == 2 and "downloading" in capsys.readouterr().err
+    hidden.rename(cifar_dir / "cifar-10-batches-py")                    # the user puts the data in place
+    main.main(command)                                                  # the same command now trains
+    assert (tmp_path / "run" / "results.md").exists()
+
+
+def test_sweep_writes_every_augmentation_both_controls_and_the_spread(tmp_path, restore_signals):
+    out = tmp_path / "sweep"
+    main.main([*TINY, "--limit", "160", "--epochs", "1", "--probe-epochs", "1", "--aug", "every",
+               "--seeds", "0,1", "--out", str(out)])
+    table = (out / "results.md").read_text()
+    for name in ["none", *[a for a in main.augment.AUGMENTATIONS if a != "none"], *main.CONTROLS]:
+        assert f"| {name} | 2 | " in table
+    assert " +- " in table
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 2 * (len(main.augment.AUGMENTATIONS) + 2)
+    assert Image.open(out / "reconstructions.png").size[1] == (2 + 3 * 6) * 64    # x, x_hat, 3 rows per aug
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -107,6 +152,8 @@ def test_a_run_folder_is_never_silently_overwritten(reference_run, capsys, resto
     (["--device", "tpu"], "--device"),
     (["--image-size", "48"], "multiple of 32"),
     (["--resume"], "holds no run"),
+    (["--aug", "crop,blur"], "--aug 'crop,blur'"),
+    (["--seeds", "0,one"], "--seeds '0,one'"),
 ])
 def test_bad_input_is_one_clear_line_and_status_2(flags, message, tmp_path, capsys, restore_signals):
     with pytest.raises(SystemExit) as e:
@@ -133,7 +180,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
 def test_truncated_checkpoint_is_reported(tmp_path, capsys, restore_signals):
     out = tmp_path / "run"
     main.main([*TINY, "--out", str(out), "--epochs", "1", "--probe-epochs", "1", "--aug", "none"])
-    checkpoint = out / "checkpoint-none-vae.pt"
+    checkpoint = out / "seed0" / "none" / "checkpoint-vae.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(SystemExit) as e:
         main.main(["--out", str(out), "--resume"])
@@ -150,7 +197,50 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, m
     monkeypatch.setattr(vae, "elbo", elbo_that_blows_up)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        main.main([*TINY, "--out", str(out)])
+        main.main([*TINY, "--out", str(out), "--log-every", "1000"])
     err = capsys.readouterr().err
-    assert e.value.code == 3 and "stage 1 (none) diverged" in err and "epoch 2, step 3" in err and "--lr" in err
-    assert torch.load(out / "checkpoint-none-vae.pt")["epoch"] == 1     # the last good epoch, loadable
+    assert e.value.code == 3 and "stage 1 [seed 0, none] epoch 2, steps 1-9: diverged" in err and "--lr" in err
+    assert torch.load(out / "seed0" / "none" / "checkpoint-vae.pt")["epoch"] == 1     # the last good epoch
+
+
+def test_train_step_does_not_wait_for_the_device():
+    torch.manual_seed(0)
+    model = vae.VAE(latent_dim=8, image_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(4, 3, 32, 32)
+    values = main.train_step(model, optimizer, x, x, beta=1.0, autocast_dtype=None)
+    assert isinstance(values, torch.Tensor) and values.shape == (3,) and not values.requires_grad
+    loss, recon, kl = values.tolist()
+    assert loss == pytest.approx(-recon + kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("native, size, expected", [(True, 64, "bf16"), (True, 32, "fp32"), (False, 64, "fp32")])
+def test_auto_precision_follows_the_measured_rules(native, size, expected, monkeypatch):
+    monkeypatch.setattr(main, "cpu_has_native_bf16", lambda: native)
+    assert main.pick_precision("auto", torch.device("cpu"), size)[0] == expected
+    assert main.pick_precision("fp32", torch.device("cpu"), size)[0] == "fp32"
+
+
+def test_undone_share_is_0_for_the_identity_and_1_for_the_clean_image():
+    torch.manual_seed(0)
+    x, x_aug = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    assert main.undone_share(x, x_aug, recon_from_aug=x_aug, recon_from_clean=x) == pytest.approx(0.0)
+    assert main.undone_share(x, x_aug, recon_from_aug=x, recon_from_clean=x) == pytest.approx(1.0)
+    halfway = 0.5 * (x + x_aug)                       # half the distance: a quarter of the squared error left
+    assert main.undone_share(x, x_aug, recon_from_aug=halfway, recon_from_clean=x) == pytest.approx(0.75)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_trains_like_the_eager_step():
+    device = torch.device("cuda")
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = vae.VAE(latent_dim=8, image_size=32).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graphed)
+        step = main.cuda_graphed(main.train_step) if graphed else main.train_step
+        x = torch.rand(6, 8, 3, 32, 32, device=device)
+        losses = [step(model, optimizer, x[i], x[i], 1.0, None)[0].item() for i in range(6)]
+        results.append(losses)
+    assert results[1][-1] < results[1][0]                     # it learns
+    assert results[1] == pytest.approx(results[0], rel=0.05)  # like the eager step, up to the sampled eps

@@ -17,7 +17,7 @@ def test_topk_accuracy_by_hand():
 
 
 def test_head_is_the_papers():
-    head = probe.make_head(latent_dim=128, num_classes=10)
+    head = probe.make_head(feature_dim=128, num_classes=10)
     kinds = [type(m).__name__ for m in head]
     assert kinds == ["Linear", "BatchNorm1d", "Tanh", "Linear", "BatchNorm1d", "ReLU"]
     assert head[0].in_features == 128 and head[0].out_features == 32 and head[3].out_features == 10
@@ -51,3 +51,21 @@ def test_head_learns_separable_features():
     # Chance is 20%. Not 100%: here the final ReLU kills one class's logit for good (top-1 stays at 77%).
     assert before["top1"] < 40 and after["top1"] > 70 and after["top5"] == 100.0
     assert after["loss"] < 0.5 * before["loss"]
+
+
+def test_standardize_uses_the_train_statistics_for_every_split():
+    torch.manual_seed(0)
+    features = {"train": torch.randn(500, 4) * 1e-2 + 5, "test": torch.randn(50, 4) * 1e-2 + 5}
+    out = probe.standardize(features)
+    torch.testing.assert_close(out["train"].mean(0), torch.zeros(4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["train"].std(0), torch.ones(4), atol=1e-3, rtol=0)
+    mean, std = features["train"].mean(0), features["train"].std(0)
+    torch.testing.assert_close(out["test"], (features["test"] - mean) / std)   # test uses train's mean and std
+
+
+def test_latent_shift_is_0_when_mu_does_not_move_and_1_when_it_lands_on_another_image():
+    torch.manual_seed(0)
+    mu = torch.randn(100, 8)
+    assert probe.latent_shift(mu, mu.clone()) == 0.0
+    assert probe.latent_shift(mu, mu.roll(1, dims=0)) == pytest.approx(1.0)   # each mu moved to its neighbour's
+    assert probe.latent_shift(mu, mu + 0.5 * (mu.roll(1, dims=0) - mu)) == pytest.approx(0.5)

@@ -11,6 +11,13 @@ def test_kl_is_zero_at_the_prior():
     assert torch.equal(vae.kl_divergence(mu, logvar), torch.zeros(4))
 
 
+def test_kl_per_dimension_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(16, 32), torch.randn(16, 32)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0))  # (B, D)
+    torch.testing.assert_close(vae.kl_per_dimension(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kl_matches_torch_distributions():
     torch.manual_seed(0)
     mu, logvar = torch.randn(16, 128), torch.randn(16, 128)
