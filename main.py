@@ -337,6 +337,7 @@ def measure_augmentation(aug, vaes, heads, x_uint8, y, strength, autocast_dtype)
         row[f"{role}_undone"] = undone_share(x, x_aug, from_aug, from_clean)
         row[f"{role}_latent_shift"] = probe.latent_shift(mu, mu_aug)
         row[f"{role}_top1_on_aug"] = probe.evaluate(heads[name], mu_aug, y)["top1"]
+    row["undone_beyond_baseline"] = row["augmented_undone"] - row["baseline_undone"]
     return row
 
 
@@ -414,7 +415,7 @@ def write_results(run_dir, args, records, precision, wall_seconds):
                "python": platform.python_version(), "machine": platform.platform(), "threads": torch.get_num_threads(),
                "wall_seconds_last_invocation": wall_seconds, "records": records}
     write_json(run_dir / "results.json", summary)
-    vaes, n = ["none", *args.augs], len(args.seed_list)
+    vaes = ["none", *args.augs]
     sections = [
         f"# {args.dataset}, {args.image_size}x{args.image_size}, {args.epochs} VAE epochs, {args.probe_epochs} probe "
         f"epochs, seeds {args.seeds} (mean +- std over n seeds)",
@@ -427,7 +428,7 @@ def write_results(run_dir, args, records, precision, wall_seconds):
             ("x_aug", "mse_augmented_input"), ("baseline from x_aug", "baseline_mse_from_aug"),
             ("augmented VAE from x_aug", "augmented_mse_from_aug"), ("baseline from x", "baseline_mse_from_clean"),
             ("augmented VAE from x", "augmented_mse_from_clean"), ("undone, baseline", "baseline_undone"),
-            ("undone, augmented VAE", "augmented_undone")]),
+            ("undone, augmented VAE", "augmented_undone"), ("undone beyond the baseline", "undone_beyond_baseline")]),
         "## Which transformations keep the label\n\nTest top-1 of each VAE's probe (trained on clean images) on "
         "augmented test images; mu shift: 0 = mu unchanged by the augmentation, 1 = as far as another image's.\n\n"
         + markdown_table(records, args.augs, [
@@ -436,7 +437,7 @@ def write_results(run_dir, args, records, precision, wall_seconds):
             ("mu shift, baseline", "baseline_latent_shift"), ("mu shift, augmented VAE", "augmented_latent_shift")]),
     ]
     (run_dir / "results.md").write_text("\n\n".join(sections) + "\n")
-    print("\n" + sections[1].split("\n\n")[-1] + f"\n(n = {n} seeds; all tables in {run_dir / 'results.md'})")
+    print("\n" + sections[1].split("\n\n")[-1] + f"\n(n: seeds per row; every table in {run_dir / 'results.md'})")
 
 
 def to_pil(x):
@@ -621,7 +622,7 @@ def pick_precision(choice, device, image_size):
     if not cpu_has_native_bf16():
         return "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated, ~10x slower"
     if image_size < 64:
-        return "fp32", "on this CPU bf16 pays off only from 64x64; below, its casts cost more than it saves"
+        return "fp32", "below 64x64 bf16 is no faster than fp32 on such a CPU, so the exact one"
     return "bf16", "this CPU runs bf16 natively, faster than fp32 at 64x64 and up"
 
 
