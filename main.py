@@ -336,6 +336,7 @@ def measure_augmentation(aug, vaes, heads, x_uint8, y, strength, autocast_dtype)
         row[f"{role}_mse_from_aug"] = (from_aug - x).pow(2).mean().item()
         row[f"{role}_undone"] = undone_share(x, x_aug, from_aug, from_clean)
         row[f"{role}_latent_shift"] = probe.latent_shift(mu, mu_aug)
+        row[f"{role}_top1_on_clean"] = probe.evaluate(heads[name], mu, y)["top1"]
         row[f"{role}_top1_on_aug"] = probe.evaluate(heads[name], mu_aug, y)["top1"]
     row["undone_beyond_baseline"] = row["augmented_undone"] - row["baseline_undone"]
     return row
@@ -429,11 +430,11 @@ def write_results(run_dir, args, records, precision, wall_seconds):
             ("augmented VAE from x_aug", "augmented_mse_from_aug"), ("baseline from x", "baseline_mse_from_clean"),
             ("augmented VAE from x", "augmented_mse_from_clean"), ("undone, baseline", "baseline_undone"),
             ("undone, augmented VAE", "augmented_undone"), ("undone beyond the baseline", "undone_beyond_baseline")]),
-        "## Which transformations keep the label\n\nTest top-1 of each VAE's probe (trained on clean images) on "
-        "augmented test images; mu shift: 0 = mu unchanged by the augmentation, 1 = as far as another image's.\n\n"
-        + markdown_table(records, args.augs, [
-            ("top-1 on x_aug, baseline", "baseline_top1_on_aug"), ("top-1 on x_aug, augmented VAE",
-                                                                   "augmented_top1_on_aug"),
+        f"## Which transformations keep the label\n\nTop-1 of each VAE's probe (trained on clean images) on the "
+        f"first {MEASURE_IMAGES} test images, clean (x) and augmented (x_aug); mu shift: 0 = mu unchanged by the "
+        f"augmentation, 1 = as far as another image's.\n\n" + markdown_table(records, args.augs, [
+            ("baseline on x", "baseline_top1_on_clean"), ("baseline on x_aug", "baseline_top1_on_aug"),
+            ("augmented VAE on x", "augmented_top1_on_clean"), ("augmented VAE on x_aug", "augmented_top1_on_aug"),
             ("mu shift, baseline", "baseline_latent_shift"), ("mu shift, augmented VAE", "augmented_latent_shift")]),
     ]
     (run_dir / "results.md").write_text("\n\n".join(sections) + "\n")
