@@ -12,7 +12,8 @@ What we chose: the magnitudes (constants below), square crop boxes (no aspect-ra
 torch's own F.affine_grid and F.grid_sample for the resampling, and `strength`, which scales every range
 linearly so that strength 0 is the identity and 1 the defaults.
 Everything is batched tensor arithmetic on x.device: no loop over images, and the input is never written.
-Called by main.py through the AUGMENTATIONS dict, once per training batch: x_aug = AUGMENTATIONS[name](x).
+Called by main.py through by_name, once per training batch: x_aug = by_name("crop")(x); names joined by "+"
+("crop+hue-saturation") apply one after another.
 
 Axes: B batch, C channels (3, RGB), H/W height/width.
 """
@@ -207,3 +208,17 @@ AUGMENTATIONS = {
     "hue-saturation": hue_saturation,
     "all": all_augmentations,
 }
+
+
+def by_name(name):
+    """The augmentation called `name`; names joined by '+' (such as 'crop+hue-saturation') make a mix that applies
+    each in turn, each with its own per-image draws."""
+    parts = [AUGMENTATIONS[part] for part in name.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+
+    def mix(x, strength=1.0, generator=None):
+        for augment in parts:
+            x = augment(x, strength, generator)  # (B, C, H, W), a new tensor each time
+        return x
+    return mix

@@ -102,6 +102,14 @@ def test_all_applies_every_augmentation_in_turn_with_its_own_draws():
     assert torch.equal(augment.all_augmentations(x, generator=seeded(0)), expected)
 
 
+
+def test_a_mix_by_name_applies_its_parts_in_turn_with_their_own_draws():
+    x, generator = images(), seeded(0)
+    expected = augment.hue_saturation(augment.crop(x, 0.7, generator), 0.7, generator)
+    assert torch.equal(augment.by_name("crop+hue-saturation")(x, 0.7, seeded(0)), expected)
+    assert augment.by_name("rotate") is augment.rotate
+
+
 @pytest.mark.parametrize("name", ["center-crop", "rotate"])
 def test_centred_maps_keep_the_centre_pixel(name):
     x = images(height=9, width=9)  # odd size: one pixel sits exactly at the centre
