@@ -142,6 +142,33 @@ def test_sweep_writes_every_augmentation_both_controls_and_the_spread(tmp_path, 
     assert Image.open(out / "reconstructions.png").size[1] == (2 + 3 * 6) * 64    # x, x_hat, 3 rows per aug
 
 
+
+def test_no_baseline_trains_only_the_named_vaes_and_a_mix(tmp_path, restore_signals):
+    out = tmp_path / "mix"
+    main.main([*TINY, "--limit", "160", "--epochs", "1", "--probe-epochs", "1", "--aug", "crop,crop+hue-saturation",
+               "--no-baseline", "--out", str(out)])
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert [r["name"] for r in records] == ["crop", "crop+hue-saturation"]
+    assert all(r["test_top1"] is not None and r["informative_dims"] >= 0 for r in records)
+    assert "| crop+hue-saturation | 1 | " in (out / "results.md").read_text()
+    assert not (out / "seed0" / "none").exists()
+    assert Image.open(out / "reconstructions.png").size[1] == (1 + 2 * 2) * 64    # x, then x_aug and x_hat per aug
+
+
+def test_every_recipe_names_real_flags():
+    for name, flags in main.RECIPES.items():
+        args = main.parse_args(["--recipe", name])
+        assert {key: getattr(args, key) for key in flags} == flags
+
+
+def test_a_recipe_sets_its_flags_and_explicit_flags_win(monkeypatch):
+    monkeypatch.setitem(main.RECIPES, "ours", dict(beta=0.5, lr=3e-4, epochs=7))
+    args = main.parse_args(["--dataset", "shapes", "--recipe", "ours", "--epochs", "2"])
+    assert (args.beta, args.lr, args.epochs) == (0.5, 3e-4, 2)
+    args = main.parse_args(["--dataset", "shapes"])
+    assert (args.beta, args.lr, args.epochs) == (1.0, 1e-4, main.DEFAULTS["shapes"]["epochs"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--probe-epochs", "-3"], "--probe-epochs must be at least 1"),
@@ -153,6 +180,8 @@ def test_sweep_writes_every_augmentation_both_controls_and_the_spread(tmp_path, 
     (["--image-size", "48"], "multiple of 32"),
     (["--resume"], "holds no run"),
     (["--aug", "crop,blur"], "--aug 'crop,blur'"),
+    (["--aug", "crop+blur"], "--aug 'crop+blur'"),
+    (["--aug", "none", "--no-baseline"], "leaves nothing to train"),
     (["--seeds", "0,one"], "--seeds '0,one'"),
 ])
 def test_bad_input_is_one_clear_line_and_status_2(flags, message, tmp_path, capsys, restore_signals):
