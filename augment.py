@@ -191,12 +191,17 @@ def hue_saturation(x, strength=1.0, generator=None):
     return adjust_hue_saturation(x, hue_shift, saturation)  # (B, C, H, W)
 
 
-def all_augmentations(x, strength=1.0, generator=None):
-    """Every augmentation above in turn (crop, center crop, rotate, brightness/contrast, hue/saturation),
-    each with its own per-image draws; the two zooms compound, keeping 25-100% of the side."""
-    for augment in (crop, center_crop, rotate, brightness_contrast, hue_saturation):
-        x = augment(x, strength, generator)  # (B, C, H, W), a new tensor each time
-    return x
+def mix(*augmentations):
+    """One augmentation that applies the given ones in turn, each with its own per-image draws."""
+    def mixed(x, strength=1.0, generator=None):
+        for augment in augmentations:
+            x = augment(x, strength, generator)  # (B, C, H, W), a new tensor each time
+        return x
+    return mixed
+
+
+# Every augmentation above in turn; the two zooms compound, keeping 25-100% of the side.
+all_augmentations = mix(crop, center_crop, rotate, brightness_contrast, hue_saturation)
 
 
 AUGMENTATIONS = {
@@ -211,14 +216,6 @@ AUGMENTATIONS = {
 
 
 def by_name(name):
-    """The augmentation called `name`; names joined by '+' (such as 'crop+hue-saturation') make a mix that applies
-    each in turn, each with its own per-image draws."""
+    """The augmentation called `name`; names joined by '+' (such as 'crop+hue-saturation') make their mix."""
     parts = [AUGMENTATIONS[part] for part in name.split("+")]
-    if len(parts) == 1:
-        return parts[0]
-
-    def mix(x, strength=1.0, generator=None):
-        for augment in parts:
-            x = augment(x, strength, generator)  # (B, C, H, W), a new tensor each time
-        return x
-    return mix
+    return parts[0] if len(parts) == 1 else mix(*parts)

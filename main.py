@@ -487,12 +487,14 @@ def draw_reconstructions(path, vaes, x_uint8, strength, image_size, num_images=8
     def x_hat(name, x_in):
         return torch.sigmoid(reconstruct(vaes[name], x_in, None)[0])        # (B, 3, H, W) in [0, 1]
     x = data.to_float(x_uint8[:num_images])                                    # (B, 3, H, W)
-    baseline = ["none"] if "none" in vaes else []
-    rows, titles = [x] + [x_hat("none", x) for _ in baseline], ["clean x"] + ["VAE 'none'\nfrom x" for _ in baseline]
+    rows, titles = [x], ["clean x"]
+    if "none" in vaes:
+        rows, titles = rows + [x_hat("none", x)], titles + ["VAE 'none'\nfrom x"]
     for aug in [name for name in vaes if name != "none"]:
         x_aug = augment.by_name(aug)(x, strength, torch.Generator().manual_seed(0))
-        rows += [x_aug] + [x_hat(name, x_aug) for name in baseline + [aug]]
-        titles += [f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in baseline + [aug]]
+        shown = [name for name in ("none", aug) if name in vaes]              # the baseline (if trained), then aug
+        rows += [x_aug] + [x_hat(name, x_aug) for name in shown]
+        titles += [f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in shown]
     size, left = image_size * scale, 110
     sheet = Image.new("RGB", (left + num_images * size, len(rows) * size), "white")
     draw = ImageDraw.Draw(sheet)

@@ -102,7 +102,6 @@ def test_all_applies_every_augmentation_in_turn_with_its_own_draws():
     assert torch.equal(augment.all_augmentations(x, generator=seeded(0)), expected)
 
 
-
 def test_a_mix_by_name_applies_its_parts_in_turn_with_their_own_draws():
     x, generator = images(), seeded(0)
     expected = augment.hue_saturation(augment.crop(x, 0.7, generator), 0.7, generator)

@@ -142,7 +142,6 @@ def test_sweep_writes_every_augmentation_both_controls_and_the_spread(tmp_path, 
     assert Image.open(out / "reconstructions.png").size[1] == (2 + 3 * 6) * 64    # x, x_hat, 3 rows per aug
 
 
-
 def test_no_baseline_trains_only_the_named_vaes_and_a_mix(tmp_path, restore_signals):
     out = tmp_path / "mix"
     main.main([*TINY, "--limit", "160", "--epochs", "1", "--probe-epochs", "1", "--aug", "crop,crop+hue-saturation",
