@@ -18,6 +18,8 @@ Called by main.py through by_name, once per training batch: x_aug = by_name("cro
 Axes: B batch, C channels (3, RGB), H/W height/width.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +42,15 @@ PADDING_MODE = "reflection"
 def uniform(x, low, high, generator=None):
     """One number per image, uniform in [low, high): shape (B,), on x's device and dtype.
 
-    Drawn in float32 on the generator's device (the caller may pass a CPU generator while x is on a GPU),
-    so one seed gives the same draws whatever x's device and dtype.
+    Drawn in float32 on the generator's device (main.py passes a CPU generator while x may be on a GPU), so one
+    seed gives the same draws whatever x's device and dtype. A CPU draw bound for a GPU goes through pinned
+    memory with a non-blocking copy: a copy from ordinary memory would make the host wait for the GPU every step.
     """
     device = generator.device if generator is not None else x.device
-    u = torch.rand(x.shape[0], generator=generator, device=device)  # (B,) float32 in [0, 1)
-    return (low + (high - low) * u).to(x.device, x.dtype)  # (B,)
+    pinned = device.type == "cpu" and x.device.type == "cuda"
+    u = torch.rand(x.shape[0], generator=generator, device=device, pin_memory=pinned)  # (B,) float32 in [0, 1)
+    u = u.to(x.device, non_blocking=True)  # (B,)
+    return (low + (high - low) * u).to(x.dtype)  # (B,)
 
 
 # ----------------------------------------------------------------------------- geometry: one affine map per image
@@ -135,8 +140,16 @@ def adjust_hue_saturation(x, hue_shift, saturation):
 
 
 # ----------------------------------------------------------------------------- the augmentations
-# Every one: fn(x, strength=1.0, generator=None) -> new (B, C, H, W) tensor in [0, 1]. At strength 0 they
-# return a copy instead of resampling, because an identity grid_sample or HSV round trip is exact only up to rounding.
+# Every one: fn(x, strength=1.0, generator=None) -> new (B, C, H, W) tensor in [0, 1].
+
+
+def exact_at_zero(augmentation):
+    """Make strength 0 return a copy of x without drawing anything: an identity resample or HSV round trip is
+    exact only up to rounding."""
+    @functools.wraps(augmentation)
+    def augment_or_copy(x, strength=1.0, generator=None):
+        return x.clone() if strength == 0 else augmentation(x, strength, generator)
+    return augment_or_copy
 
 
 def none(x, strength=1.0, generator=None):
@@ -144,48 +157,43 @@ def none(x, strength=1.0, generator=None):
     return x.clone()
 
 
+@exact_at_zero
 def crop(x, strength=1.0, generator=None):
     """Random resized crop: per image, a square box of side uniform in [1 - 0.5 strength, 1] (of the image side)
     at a uniform position inside the image, stretched to the full size."""
-    if strength == 0:
-        return x.clone()
     scale = uniform(x, 1 - strength * (1 - CROP_MIN_SCALE), 1.0, generator)  # (B,)
     # A box of side `scale` stays inside [-1, 1] when its centre is within +-(1 - scale).
     center = torch.stack([uniform(x, -1.0, 1.0, generator), uniform(x, -1.0, 1.0, generator)], dim=1)  # (B, 2)
     return zoom(x, scale, center * (1 - scale).unsqueeze(1))  # (B, C, H, W)
 
 
+@exact_at_zero
 def center_crop(x, strength=1.0, generator=None):
     """Central zoom: per image, the centred square box of side uniform in [1 - 0.5 strength, 1], stretched to
     the full size."""
-    if strength == 0:
-        return x.clone()
     scale = uniform(x, 1 - strength * (1 - CENTER_CROP_MIN_SCALE), 1.0, generator)  # (B,)
     return zoom(x, scale, torch.zeros(x.shape[0], 2, dtype=x.dtype, device=x.device))  # (B, C, H, W)
 
 
+@exact_at_zero
 def rotate(x, strength=1.0, generator=None):
     """Rotation: per image, angle uniform in [-30 strength, 30 strength] degrees, counter-clockwise positive."""
-    if strength == 0:
-        return x.clone()
     degrees = strength * ROTATE_DEGREES
     return rotate_by(x, uniform(x, -degrees, degrees, generator))  # (B, C, H, W)
 
 
+@exact_at_zero
 def brightness_contrast(x, strength=1.0, generator=None):
     """Per image, brightness and contrast factors each uniform in [1 - 0.4 strength, 1 + 0.4 strength]."""
-    if strength == 0:
-        return x.clone()
     brightness = uniform(x, 1 - strength * BRIGHTNESS, 1 + strength * BRIGHTNESS, generator)  # (B,)
     contrast = uniform(x, 1 - strength * CONTRAST, 1 + strength * CONTRAST, generator)  # (B,)
     return adjust_brightness_contrast(x, brightness, contrast)  # (B, C, H, W)
 
 
+@exact_at_zero
 def hue_saturation(x, strength=1.0, generator=None):
     """Per image, hue shift uniform in [-0.1 strength, 0.1 strength] of the colour wheel and saturation factor
     uniform in [1 - 0.4 strength, 1 + 0.4 strength]."""
-    if strength == 0:
-        return x.clone()
     hue_shift = uniform(x, -strength * HUE_SHIFT, strength * HUE_SHIFT, generator)  # (B,)
     saturation = uniform(x, 1 - strength * SATURATION, 1 + strength * SATURATION, generator)  # (B,)
     return adjust_hue_saturation(x, hue_shift, saturation)  # (B, C, H, W)

@@ -111,7 +111,8 @@ def load_tinyimagenet(data_dir):
     _check_count(f"Tiny ImageNet train images in {root / 'train'}", len(train_files), TINYIMAGENET_COUNTS[0], advice)
     _check_count(f"Tiny ImageNet val images in {root / 'val'}", len(test_files), TINYIMAGENET_COUNTS[1], advice)
     x = _cached_images(root, train_files + test_files)  # (N_train + N_test, 3, 64, 64) uint8
-    return x[:len(train_files)], torch.tensor(y_train), x[len(train_files):], torch.tensor(y_test)
+    # A copy of the test images, so that the whole decoded set is freed once the caller has split the train images.
+    return x[:len(train_files)], torch.tensor(y_train), x[len(train_files):].clone(), torch.tensor(y_test)
 
 
 def _read_lines(path):
@@ -260,11 +261,12 @@ def resize(x, size):
     return out
 
 
-def shuffled_batches(x, y, batch_size, generator):
-    """Yield (x_batch, y_batch) along a fresh random permutation, sliced on x's device; drop the last partial batch
-    (BatchNorm needs full batches)."""
-    order = torch.randperm(len(x), generator=generator).to(x.device)  # (N,), drawn on the generator's device
-    for start in range(0, len(x) - batch_size + 1, batch_size):
+def shuffled_batches(x, y, batch_size, generator, skip=0):
+    """Yield (x_batch, y_batch) along a fresh random permutation, sliced on x's device, from batch `skip` on (a resumed
+    epoch); drop the last partial batch (BatchNorm needs full batches)."""
+    pinned = generator.device.type == "cpu" and x.device.type == "cuda"  # a non-blocking copy to the GPU
+    order = torch.randperm(len(x), generator=generator, pin_memory=pinned).to(x.device, non_blocking=True)  # (N,)
+    for start in range(skip * batch_size, len(x) - batch_size + 1, batch_size):
         batch = order[start:start + batch_size]  # (B,)
         yield x[batch], y[batch]  # (B, 3, H, W) uint8, (B,) int64
 

@@ -11,11 +11,15 @@ and report top-1 and top-5 accuracy on train and validation after every epoch, t
 We keep the paper's head as it is, including its odd final ReLU: it clips every negative logit to 0,
 so a class can only win by a positive logit, and a class whose logit turns negative for every image
 gets no gradient again (a "dead" class: tests/test_probe.py shows one on five separable clusters).
+`dead_classes` counts them, and `make_head(..., final_relu=False)` is the same head without that ReLU.
 The encoder is frozen, so mu is computed once for every image and the head trains on the cached (N, D)
-tensor. Controls (ours): the same head on raw pixels and on an untrained encoder's mu; both need
-`standardize` (the untrained mu spreads by ~1e-3, below BatchNorm's epsilon). `latent_shift` measures how
-far an augmentation moves mu. main.py owns the epoch loop (so it can checkpoint every epoch) and the
-autocast; this file never imports vae.py, it takes any model with an `encode` method.
+tensor. Controls (ours): the same head on raw pixels and on an untrained encoder's mu, both standardized
+(the untrained mu spreads by ~1e-3, below BatchNorm's epsilon), and a ceiling, `Supervised`: the encoder
+up to mu and the head trained end to end on the labels. Raw pixels are standardized batch by batch
+(`Features`), since a float copy of Tiny ImageNet's would not fit a laptop. `latent_shift` and
+`invariance` measure what an augmentation does to mu and to the probe's answer. main.py owns the epoch
+loops (so it can checkpoint every epoch) and the autocast; this file never imports vae.py, it takes any
+model with an `encode` method.
 
 Axes: B batch, N images, D feature size, K classes.
 """
@@ -25,7 +29,9 @@ import torch.nn.functional as F
 
 import data
 
-HIDDEN = 32   # the paper's head width
+HIDDEN = 32             # the paper's head width
+EVAL_BATCH = 10_000     # rows per forward pass when scoring: one CIFAR-10 or Tiny ImageNet test set
+PIXEL_BLOCK = 1024      # pixel columns standardized at a time: a float copy of 1,024 columns, not of all
 
 # -----------------------------------------------------------------------------
 # Frozen features
@@ -43,10 +49,38 @@ def extract_features(model, x, batch_size):
     return torch.cat(features)                                       # (N, D) float32
 
 
+class Features:
+    """Features made batch by batch from uint8 images (N, 3, H, W), for sets too large to keep as float32:
+    features[index] = make(images[index] as float in [0, 1]). Anything here that reads features reads it so."""
+
+    def __init__(self, x_uint8, make):
+        self.x_uint8, self.make = x_uint8, make
+
+    def __len__(self):
+        return len(self.x_uint8)
+
+    def __getitem__(self, index):
+        return self.make(data.to_float(self.x_uint8[index]))       # (B, ...) features of those images
+
+
 def standardize(features):
     """Per feature, subtract the train split's mean and divide by its std: {split: (N, D)} -> same shapes."""
     mean, std = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)   # (D,), (D,)
     return {split: (f - mean) / std for split, f in features.items()}
+
+
+def standardized_pixels(images):
+    """The raw-pixel control: every image flattened, each pixel standardized as `standardize` does, made batch by
+    batch: {split: uint8 (N, 3, H, W)} -> {split: Features of (B, 3 * H * W)}. For Tiny ImageNet a float32 copy
+    of all pixels would take 5.4 GB (110,000 x 12,288 x 4 bytes); the mean and std go a block of columns at a time."""
+    flat = images["train"].flatten(1)                                # (N, 3 * H * W) uint8
+    means, stds = [], []
+    for start in range(0, flat.shape[1], PIXEL_BLOCK):               # (N, PIXEL_BLOCK) float32 at a time
+        block = data.to_float(flat[:, start:start + PIXEL_BLOCK])
+        means.append(block.mean(0))
+        stds.append(block.std(0))
+    mean, std = torch.cat(means), torch.cat(stds).clamp(min=1e-6)    # (3 * H * W,) each
+    return {split: Features(x, lambda x_float: (x_float.flatten(1) - mean) / std) for split, x in images.items()}
 
 
 def latent_shift(mu, mu_aug):
@@ -56,15 +90,35 @@ def latent_shift(mu, mu_aug):
     typical = (mu - mu.roll(1, dims=0)).norm(dim=1).mean()       # image i against image i - 1
     return (moved / typical).item()
 
+
+def invariance(head, mu, mu_aug, y):
+    """What an augmentation does to the frozen encoder: how far it moves mu, and the probe's top-1 on the clean
+    images (mu) and on their augmented views (mu_aug)."""
+    return {"latent_shift": latent_shift(mu, mu_aug), "top1_on_clean": evaluate(head, mu, y)["top1"],
+            "top1_on_aug": evaluate(head, mu_aug, y)["top1"]}
+
 # -----------------------------------------------------------------------------
-# The head, and how it is scored
+# The head, the supervised ceiling, and how they are scored
 
 
-def make_head(feature_dim, num_classes):
-    """The paper's probe: Linear -> 32, BatchNorm, Tanh; Linear -> K, BatchNorm, ReLU."""
-    return nn.Sequential(
-        nn.Linear(feature_dim, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(),
-        nn.Linear(HIDDEN, num_classes), nn.BatchNorm1d(num_classes), nn.ReLU())
+def make_head(feature_dim, num_classes, final_relu=True):
+    """The paper's probe: Linear -> 32, BatchNorm, Tanh; Linear -> K, BatchNorm, ReLU (or without that ReLU)."""
+    layers = [nn.Linear(feature_dim, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(),
+              nn.Linear(HIDDEN, num_classes), nn.BatchNorm1d(num_classes)]
+    return nn.Sequential(*layers, *([nn.ReLU()] if final_relu else []))
+
+
+class Supervised(nn.Module):
+    """The supervised ceiling: an encoder's mu, then the paper's head, both trained on the labels.
+    (B, 3, H, W) float in [0, 1] -> logits (B, K)"""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x):
+        mu, _ = self.encoder.encode(x)                   # (B, D)
+        return self.head(mu)                             # (B, K)
 
 
 def topk_accuracy(logits, y, k):
@@ -75,12 +129,24 @@ def topk_accuracy(logits, y, k):
 
 
 @torch.no_grad()
-def evaluate(head, features, y):
-    """Cross-entropy, top-1 and top-5 of the head in eval mode on (N, D) features."""
+def predict(head, features, batch_size=EVAL_BATCH):
+    """The head's float32 logits in eval mode for every row of features (a tensor or Features). -> (N, K)"""
     head.eval()
-    logits = head(features)                              # (N, K)
+    starts = range(0, len(features), batch_size)
+    return torch.cat([head(features[start:start + batch_size]).float() for start in starts])   # (N, K)
+
+
+def evaluate(head, features, y, batch_size=EVAL_BATCH):
+    """Cross-entropy, top-1 and top-5 of the head in eval mode on features (N, D)."""
+    logits = predict(head, features, batch_size)         # (N, K)
     return {"loss": F.cross_entropy(logits, y).item(),
             "top1": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5)}
+
+
+def dead_classes(head, features):
+    """How many classes get a logit of 0 from the final ReLU on every image: such a class never wins, and
+    its logit gets no gradient again."""
+    return int((predict(head, features).amax(dim=0) <= 0).sum())
 
 # -----------------------------------------------------------------------------
 # One epoch of training
@@ -89,7 +155,7 @@ def evaluate(head, features, y):
 def train_epoch(head, optimizer, features, y, batch_size, generator):
     """One pass over the cached features in a random order (the last incomplete batch is dropped)."""
     head.train()
-    order = torch.randperm(len(y), generator=generator).to(features.device)   # (N,)
+    order = torch.randperm(len(y), generator=generator).to(y.device)            # (N,)
     for idx in order[: len(y) // batch_size * batch_size].split(batch_size):  # (B,) each
         loss = F.cross_entropy(head(features[idx]), y[idx])
         optimizer.zero_grad(set_to_none=True)

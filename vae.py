@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 ENCODER_CHANNELS = (32, 64, 128, 256, 512)  # the paper's five conv layers
 LATENT_DIM = 128                            # the paper's latent size
+INFORMATIVE_NATS = 0.1                      # a latent dimension whose mean KL exceeds this carries information
 
 # -----------------------------------------------------------------------------
 # The model
@@ -86,6 +87,14 @@ class VAE(nn.Module):
         h = h.view(len(z), -1, self.bottom_size, self.bottom_size)        # (B, 512, bottom, bottom)
         return self.to_logits(self.decoder(h))                            # (B, 3, H, W)
 
+    @torch.no_grad()
+    def reconstruct(self, x_in):
+        """Deterministic reconstruction in eval mode, no sampling: x_hat = sigmoid(decode(mu)) (B, 3, H, W) in [0, 1],
+        and mu, logvar (B, D), all float32 (an autocast around the call runs the layers in bf16)."""
+        self.eval()
+        mu, logvar = self.encode(x_in)
+        return torch.sigmoid(self.decode(mu).float()), mu.float(), logvar.float()
+
     def forward(self, x_aug):
         """(B, 3, H, W) augmented image -> (x_logits (B, 3, H, W), mu (B, D), logvar (B, D))."""
         mu, logvar = self.encode(x_aug)
@@ -106,13 +115,28 @@ def kl_per_dimension(mu, logvar):
     """Closed-form KL(N(mu_d, exp(logvar_d)) || N(0, 1)) of every latent dimension. (B, D) -> (B, D) nats
 
     A dimension whose KL stays near 0 for every image carries no information about it: the posterior
-    ignores the input there ("posterior collapse"); main.py counts the dimensions above 0.1 nat."""
+    ignores the input there ("posterior collapse"); `kl_summary` counts the dimensions above 0.1 nat."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def kl_summary(mu, logvar):
+    """How much of the latent a set of images uses: mean KL per image (nats) and the number of informative
+    dimensions, those whose KL averaged over the images exceeds INFORMATIVE_NATS. (N, D), (N, D) -> dict"""
+    kl = kl_per_dimension(mu, logvar).mean(0)                            # (D,) nats, averaged over images
+    return {"kl": kl.sum().item(), "informative_dims": int((kl > INFORMATIVE_NATS).sum())}
 
 
 def kl_divergence(mu, logvar):
     """Closed-form KL(N(mu, exp(logvar)) || N(0, I)), summed over D. (B, D) -> (B,)"""
     return kl_per_dimension(mu, logvar).sum(dim=1)
+
+
+def undone_share(x, x_aug, x_hat_from_aug, x_hat_from_clean):
+    """How much of an augmentation a VAE undoes: 1 - (e(x_hat_from_aug) - e(x_hat_from_clean)) / e(x_aug), e(.) the
+    mean squared error against the clean x. 0: the reconstruction keeps the augmentation; 1: as good as from x."""
+    def error(y):
+        return (y - x).pow(2).mean()
+    return (1 - (error(x_hat_from_aug) - error(x_hat_from_clean)) / error(x_aug)).item()
 
 
 def elbo(x_logits, x, mu, logvar, beta=1.0):

@@ -48,7 +48,7 @@ def plain_step(image_size, batch_size, device):
     return step
 
 
-def project_step(image_size, batch_size, autocast_dtype, device, graphed=False):
+def project_step(image_size, batch_size, precision, device, graphed=False):
     """What main.train_vae does per batch: slice a shuffled uint8 batch, convert and augment it, main.train_step."""
     torch.manual_seed(0)
     model = vae.VAE(image_size=image_size).to(device, memory_format=torch.channels_last)
@@ -57,11 +57,12 @@ def project_step(image_size, batch_size, autocast_dtype, device, graphed=False):
     x_all = torch.randint(0, 256, (4 * batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
     y_all = torch.zeros(len(x_all), dtype=torch.long, device=device)
     batch_rng, aug_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    ctx = main.autocast_context(device, precision)
 
     def step(_):
         x_uint8, _ = next(data.shuffled_batches(x_all, y_all, batch_size, batch_rng))
         x, x_aug = main.augmented_batch(x_uint8, augment.crop, 1.0, aug_rng)
-        train_step(model, optimizer, x, x_aug, 1.0, autocast_dtype)
+        train_step(model, optimizer, x, x_aug, 1.0, ctx)
         main.sync(device)
     return step
 
@@ -71,11 +72,11 @@ def bench_stage1(device, sizes, batch_size, repeats):
     bf16 = device.type == "cuda" or main.cpu_has_native_bf16()
     for size in sizes:
         variants = {"plain eager fp32": plain_step(size, batch_size, device),
-                    "project fp32": project_step(size, batch_size, None, device)}
+                    "project fp32": project_step(size, batch_size, "fp32", device)}
         if bf16:
-            variants["project bf16"] = project_step(size, batch_size, torch.bfloat16, device)
+            variants["project bf16"] = project_step(size, batch_size, "bf16", device)
         if device.type == "cuda":
-            variants["project fp32, CUDA graph"] = project_step(size, batch_size, None, device, graphed=True)
+            variants["project fp32, CUDA graph"] = project_step(size, batch_size, "fp32", device, graphed=True)
         batch = torch.empty(batch_size)                        # only its length is read: images per call
         speeds = dict(zip(variants, images_per_second(list(variants.values()), batch, repeats, warmup=5)))
         baseline = speeds["plain eager fp32"]
