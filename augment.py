@@ -124,7 +124,8 @@ def hsv_to_rgb(hsv):
     value = v - v * s * clamp(min(k, 4 - k), 0, 1).
     """
     h, s, v = hsv.split(1, dim=1)  # each (B, 1, H, W)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    # n = 5, 3, 1 made on the device itself: torch.tensor([5., 3., 1.]) would be a blocking copy from the host
+    n = torch.arange(5, 0, -2, dtype=hsv.dtype, device=hsv.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     k = (n + 6 * h).remainder(6)  # (B, 3, H, W) in [0, 6)
     weight = torch.minimum(k, 4 - k).clamp(0, 1)  # (B, 3, H, W)
     return v - v * s * weight  # (B, 3, H, W)

@@ -51,6 +51,7 @@ TINYIMAGENET_CACHE = "uint8-cache.pt"  # written inside tiny-imagenet-200/
 SHAPES_COUNTS = (6_000, 1_000)  # train, test: small, for quick CPU runs
 SHAPES_SIZE = 32  # like CIFAR-10, so both go through the same resize
 SHAPES_SEED = 0  # the set is the same on every machine
+SHAPES_CLUTTER = 4  # random blobs per image; they make raw pixels and random features a poor guide to the label
 RESIZE_CHUNK = 1024  # images per F.interpolate call: 1024 x 3 x 64 x 64 as float32 (off the CPU) is 50 MB
 PROGRESS_SECONDS = 1.0  # at most one download progress line per second
 
@@ -198,7 +199,8 @@ def _decode_images(files):
 def load_shapes(data_dir=None):
     """9 classes, label = 3 * shape + hue (shapes: disc, square, triangle; hues: red, green, blue); 32x32.
     Each image draws its position, size, saturation, brightness, a hue jitter towards the next primary, a dark
-    tinted background and pixel noise, all from one generator seeded with SHAPES_SEED; data_dir is ignored."""
+    tinted background, four blobs of clutter in random colours and places, and pixel noise, all from one generator
+    seeded with SHAPES_SEED; data_dir is ignored."""
     num_train, num_test = SHAPES_COUNTS
     x, y = _draw_shapes(num_train + num_test, torch.Generator().manual_seed(SHAPES_SEED))
     return x[:num_train], y[:num_train], x[num_train:], y[num_train:]
@@ -221,7 +223,12 @@ def _draw_shapes(n, generator):
     saturation = uniform(0.6, 1.0, 1)  # (n, 1)
     colour = uniform(0.6, 1.0, 1) * (saturation * (primary + uniform(0, 0.4, 1) * neighbour) + 1 - saturation)
     background = uniform(0.0, 0.4, 1) + uniform(0.0, 0.15, 3)  # (n, 3) dark grey with a faint random tint
-    image = torch.where(mask[:, None], colour[:, :, None, None], background[:, :, None, None])  # (n, 3, H, W)
+    image = background[:, :, None, None].expand(n, 3, SHAPES_SIZE, SHAPES_SIZE)  # (n, 3, H, W)
+    for _ in range(SHAPES_CLUTTER):  # blobs of any colour anywhere, under the shape: nothing to do with the label
+        blob_radius, (blob_y, blob_x) = uniform(2, 4, 1, 1), SHAPES_SIZE * torch.rand(2, n, 1, 1, generator=generator)
+        blob = (grid[None, :, None] - blob_y) ** 2 + (grid[None, None, :] - blob_x) ** 2 <= blob_radius ** 2  # (n, H, W)
+        image = torch.where(blob[:, None], uniform(0.2, 1.0, 3)[:, :, None, None], image)
+    image = torch.where(mask[:, None], colour[:, :, None, None], image)  # (n, 3, H, W)
     image = image + 0.06 * torch.randn(image.shape, generator=generator)  # float, roughly 0-1
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), 3 * shape + hue  # uint8 0-255
 

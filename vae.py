@@ -16,7 +16,9 @@ Follows Rajagopalan (2021), "Learned Data Augmentation", its model description: 
 What we chose: the likelihood is a Bernoulli over pixel intensities in [0, 1] (the decoder emits logits,
 x_hat = sigmoid(x_logits) is the reconstructed image); the decoder is an exact mirror of the encoder
 (five stride-2 transposed convolutions, the last one straight to 3 channels), rather than the common
-template's extra full-resolution layers. Called by main.py (stage 1); probe.py only uses `encode`.
+template's extra full-resolution layers. The last section measures a trained VAE: its held-out loss,
+how much of the latent it uses (KL per dimension) and how much of an augmentation it undoes. Called by
+main.py (stage 1 and its measurements); probe.py only uses `encode`.
 
 Axes: B batch, C channels, H/W height/width, D latent size.
 """
@@ -119,24 +121,9 @@ def kl_per_dimension(mu, logvar):
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
-def kl_summary(mu, logvar):
-    """How much of the latent a set of images uses: mean KL per image (nats) and the number of informative
-    dimensions, those whose KL averaged over the images exceeds INFORMATIVE_NATS. (N, D), (N, D) -> dict"""
-    kl = kl_per_dimension(mu, logvar).mean(0)                            # (D,) nats, averaged over images
-    return {"kl": kl.sum().item(), "informative_dims": int((kl > INFORMATIVE_NATS).sum())}
-
-
 def kl_divergence(mu, logvar):
     """Closed-form KL(N(mu, exp(logvar)) || N(0, I)), summed over D. (B, D) -> (B,)"""
     return kl_per_dimension(mu, logvar).sum(dim=1)
-
-
-def undone_share(x, x_aug, x_hat_from_aug, x_hat_from_clean):
-    """How much of an augmentation a VAE undoes: 1 - (e(x_hat_from_aug) - e(x_hat_from_clean)) / e(x_aug), e(.) the
-    mean squared error against the clean x. 0: the reconstruction keeps the augmentation; 1: as good as from x."""
-    def error(y):
-        return (y - x).pow(2).mean()
-    return (1 - (error(x_hat_from_aug) - error(x_hat_from_clean)) / error(x_aug)).item()
 
 
 def elbo(x_logits, x, mu, logvar, beta=1.0):
@@ -156,3 +143,35 @@ def elbo(x_logits, x, mu, logvar, beta=1.0):
     kl = kl_divergence(mu, logvar)                                                  # (B,)
     loss = -(recon - beta * kl).mean()                                              # scalar
     return ELBO(loss, recon, kl)
+
+# -----------------------------------------------------------------------------
+# What a trained VAE does: its loss on held-out images, the latent it uses, the augmentation it undoes
+
+
+@torch.no_grad()
+def evaluate(model, x, x_aug, beta=1.0):
+    """-ELBO with z = mu (no sampling) and per-pixel squared error of x_hat against the clean x, from x and from
+    x_aug, in eval mode: {"val_loss_clean", "mse_clean", "val_loss_aug", "mse_aug"}."""
+    model.eval()
+    metrics = {}
+    for kind, x_in in (("clean", x), ("aug", x_aug)):
+        mu, logvar = model.encode(x_in)                                 # (N, D) each
+        x_logits = model.decode(mu)                                     # (N, 3, H, W)
+        metrics[f"val_loss_{kind}"] = elbo(x_logits, x, mu, logvar, beta).loss.item()
+        metrics[f"mse_{kind}"] = (torch.sigmoid(x_logits.float()) - x).pow(2).mean().item()
+    return metrics
+
+
+def kl_summary(mu, logvar):
+    """How much of the latent a set of images uses: mean KL per image (nats) and the number of informative
+    dimensions, those whose KL averaged over the images exceeds INFORMATIVE_NATS. (N, D), (N, D) -> dict"""
+    kl = kl_per_dimension(mu, logvar).mean(0)                            # (D,) nats, averaged over images
+    return {"kl": kl.sum().item(), "informative_dims": int((kl > INFORMATIVE_NATS).sum())}
+
+
+def undone_share(x, x_aug, x_hat_from_aug, x_hat_from_clean):
+    """How much of an augmentation a VAE undoes: 1 - (e(x_hat_from_aug) - e(x_hat_from_clean)) / e(x_aug), e(.) the
+    mean squared error against the clean x. 0: the reconstruction keeps the augmentation; 1: as good as from x."""
+    def error(y):
+        return (y - x).pow(2).mean()
+    return (1 - (error(x_hat_from_aug) - error(x_hat_from_clean)) / error(x_aug)).item()

@@ -299,3 +299,11 @@ def test_uniform_draws_the_same_numbers_for_every_dtype():
     draws32, draws64 = augment.uniform(x, 0.0, 1.0, seeded(0)), augment.uniform(x.double(), 0.0, 1.0, seeded(0))
     assert draws64.dtype == torch.float64
     torch.testing.assert_close(draws64, draws32.double(), atol=1e-7, rtol=0)
+
+
+def test_uniform_draws_what_a_plain_cpu_draw_gives():
+    # The numbers a seed gives must not depend on how they reach x's device: the same as drawing on the CPU
+    # generator and scaling there, in float32.
+    x = images(batch_size=50, height=1, width=1)
+    expected = -2.0 + (3.0 - -2.0) * torch.rand(50, generator=seeded(7))
+    assert torch.equal(augment.uniform(x, -2.0, 3.0, seeded(7)), expected)

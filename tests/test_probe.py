@@ -69,3 +69,54 @@ def test_latent_shift_is_0_when_mu_does_not_move_and_1_when_it_lands_on_another_
     assert probe.latent_shift(mu, mu.clone()) == 0.0
     assert probe.latent_shift(mu, mu.roll(1, dims=0)) == pytest.approx(1.0)   # each mu moved to its neighbour's
     assert probe.latent_shift(mu, mu + 0.5 * (mu.roll(1, dims=0) - mu)) == pytest.approx(0.5)
+
+
+def test_the_head_without_its_final_relu_can_give_negative_logits():
+    head = probe.make_head(feature_dim=16, num_classes=10, final_relu=False)
+    assert [type(m).__name__ for m in head][-1] == "BatchNorm1d"
+    assert (head(torch.randn(64, 16)) < 0).any()
+
+
+def test_dead_classes_are_those_the_final_relu_zeroes_for_every_image():
+    torch.manual_seed(0)
+    head = probe.make_head(feature_dim=8, num_classes=4)
+    with torch.no_grad():
+        head[4].bias[:] = torch.tensor([0.0, -100.0, 0.0, -100.0])   # classes 1 and 3 pushed below 0 everywhere
+    assert probe.dead_classes(head, torch.randn(50, 8)) == 2
+
+
+def test_standardized_pixels_match_standardizing_a_float_copy():
+    torch.manual_seed(0)
+    images = {split: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8) for split, n in (("train", 300), ("test", 7))}
+    lazy = probe.standardized_pixels(images)
+    full = probe.standardize({split: x.float().flatten(1) / 255 for split, x in images.items()})
+    for split in images:
+        assert torch.equal(lazy[split][:len(images[split])], full[split])          # the same numbers, bit for bit
+    index = torch.tensor([5, 0, 299])
+    assert torch.equal(lazy["train"][index], full["train"][index]) and len(lazy["test"]) == 7
+
+
+def test_scoring_in_batches_gives_what_one_pass_gives():
+    torch.manual_seed(0)
+    head, features = probe.make_head(16, 5).eval(), torch.randn(103, 16)
+    torch.testing.assert_close(probe.predict(head, features, batch_size=10), head(features).detach())
+    y = torch.randint(0, 5, (103,))
+    assert probe.evaluate(head, features, y, batch_size=10) == pytest.approx(probe.evaluate(head, features, y))
+
+
+def test_invariance_of_an_encoder_that_ignores_the_augmentation():
+    torch.manual_seed(0)
+    head, mu, y = probe.make_head(8, 3), torch.randn(40, 8), torch.randint(0, 3, (40,))
+    same = probe.invariance(head, mu, mu.clone(), y)
+    assert same["latent_shift"] == 0.0 and same["top1_on_clean"] == same["top1_on_aug"]
+    assert probe.invariance(head, mu, mu.roll(1, dims=0), y)["latent_shift"] == pytest.approx(1.0)
+
+
+def test_the_supervised_network_is_the_encoders_mu_then_the_head():
+    torch.manual_seed(0)
+    encoder, head = vae.VAE(latent_dim=16, image_size=32), probe.make_head(16, 7)
+    network, x = probe.Supervised(encoder, head).eval(), torch.rand(5, 3, 32, 32)
+    torch.testing.assert_close(network(x), head(encoder.encode(x)[0]))
+    network.train()
+    torch.nn.functional.cross_entropy(network(x), torch.arange(5)).backward()
+    assert encoder.encoder[0][0].weight.grad.abs().sum() > 0            # the labels train the encoder too

@@ -96,3 +96,33 @@ def test_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_reconstruct_is_sigmoid_of_decode_mu_in_eval_mode():
+    torch.manual_seed(0)
+    model, x = vae.VAE(latent_dim=8, image_size=32), torch.rand(4, 3, 32, 32)
+    x_hat, mu, logvar = model.reconstruct(x)
+    assert not model.training and not x_hat.requires_grad
+    expected_mu, expected_logvar = model.encode(x)
+    torch.testing.assert_close(mu, expected_mu)
+    torch.testing.assert_close(logvar, expected_logvar)
+    torch.testing.assert_close(x_hat, torch.sigmoid(model.decode(expected_mu)))
+    assert torch.equal(model.reconstruct(x)[0], x_hat)                         # no sampling: always the same
+
+
+def test_kl_summary_by_hand():
+    mu, logvar = torch.zeros(10, 4), torch.zeros(10, 4)                        # the prior: nothing is used
+    assert vae.kl_summary(mu, logvar) == {"kl": 0.0, "informative_dims": 0}
+    mu[:, 1] = 1.0                                                             # one dimension: KL 1/2 nat per image
+    mu[:5, 2] = 0.4                                                            # another: 0.08 nat on half the images
+    summary = vae.kl_summary(mu, logvar)
+    assert summary["kl"] == pytest.approx(0.5 + 0.04) and summary["informative_dims"] == 1   # 0.04 < 0.1 nat
+
+
+def test_undone_share_is_0_for_the_identity_and_1_for_the_clean_image():
+    torch.manual_seed(0)
+    x, x_aug = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    assert vae.undone_share(x, x_aug, x_hat_from_aug=x_aug, x_hat_from_clean=x) == pytest.approx(0.0)
+    assert vae.undone_share(x, x_aug, x_hat_from_aug=x, x_hat_from_clean=x) == pytest.approx(1.0)
+    halfway = 0.5 * (x + x_aug)                       # half the distance: a quarter of the squared error left
+    assert vae.undone_share(x, x_aug, x_hat_from_aug=halfway, x_hat_from_clean=x) == pytest.approx(0.75)
