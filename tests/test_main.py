@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
+import data
 import main
 import probe
 import vae
@@ -93,10 +95,44 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(reference_run, tmp_path
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in stderr
     assert not (out / "results.json").exists()
-    status, stdout, stderr = run_main("--out", str(out), "--resume")
+    mark_as_saved_by_a_graphed_gpu_run(out / "seed0" / "none" / "checkpoint-vae.pt")
+    status, stdout, stderr = run_main("--out", str(out), "--resume", "--device", "cpu")
     assert status == 0, stderr
     assert "stage 1 [seed 0, none] epoch 1/2" not in stdout     # the finished epoch was not trained again
     assert metrics(out) == metrics(reference_run[0])
+
+
+def mark_as_saved_by_a_graphed_gpu_run(path):
+    """Rewrite a checkpoint as a --cuda-graph run on a GPU saves it: a capturable Adam (its steps float32 tensors)
+    and the CUDA random state of its device (loaded on the CPU, as load_checkpoint maps everything there)."""
+    state = torch.load(path, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    for param_state in state["optimizer"]["state"].values():
+        param_state["step"] = param_state["step"].float()
+    state["cuda_rng"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, path)
+
+
+def test_a_checkpoint_of_a_graphed_gpu_run_trains_on_the_cpu(tmp_path):
+    torch.manual_seed(0)
+    x, ctx = torch.rand(4, 3, 32, 32), contextlib.nullcontext()
+    model = vae.VAE(latent_dim=8, image_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    main.train_step(model, optimizer, x, x, 1.0, ctx)
+    main.save_checkpoint(tmp_path / "vae.pt", model, optimizer, [torch.Generator()], {"epoch": 1})
+    mark_as_saved_by_a_graphed_gpu_run(tmp_path / "vae.pt")
+    as_saved = torch.optim.Adam(model.parameters(), lr=1e-3)
+    as_saved.load_state_dict(torch.load(tmp_path / "vae.pt", weights_only=False)["optimizer"])
+    with pytest.raises(AssertionError, match="capturable=True"):          # what a plain load_state_dict gives
+        main.train_step(model, as_saved, x, x, 1.0, ctx)
+    fresh = vae.VAE(latent_dim=8, image_size=32)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    assert main.load_checkpoint(tmp_path / "vae.pt", fresh, fresh_optimizer, [torch.Generator()]) == {"epoch": 1}
+    assert not fresh_optimizer.param_groups[0]["capturable"]
+    loss_before = main.train_step(fresh, fresh_optimizer, x, x, 1.0, ctx)[0]
+    assert all(s["step"].item() == 2 for s in fresh_optimizer.state.values())   # Adam went on from its saved step
+    assert main.train_step(fresh, fresh_optimizer, x, x, 1.0, ctx)[0] < loss_before
 
 
 def test_the_same_command_again_skips_what_is_finished(reference_run, tmp_path):
@@ -118,7 +154,7 @@ def test_other_settings_in_a_run_folder_are_refused(reference_run, capsys, resto
 def test_a_failed_start_leaves_nothing_in_the_way(cifar_dir, tmp_path, monkeypatch, capsys, restore_signals):
     command = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"),
                "--limit", "20", "--batch-size", "4", "--epochs", "1", "--probe-epochs", "1", "--image-size", "32",
-               "--latent-dim", "8", "--aug", "rotate"]
+               "--latent-dim", "8", "--aug", "rotate", "--device", "cpu"]
     hidden = tmp_path / "hidden"
     (cifar_dir / "cifar-10-batches-py").rename(hidden)                  # offline, and no data yet
     monkeypatch.setenv("CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # port 9: nothing listens
@@ -216,7 +252,7 @@ def test_truncated_checkpoint_is_reported(tmp_path, capsys, restore_signals):
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(SystemExit) as e:
         main.main(["--out", str(out), "--resume"])
-    assert e.value.code == 2 and "truncated or unreadable" in capsys.readouterr().err
+    assert e.value.code == 2 and "truncated, unreadable" in capsys.readouterr().err
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch, restore_signals):
@@ -253,6 +289,20 @@ def test_auto_precision_follows_the_measured_rules(native, size, expected, monke
     assert main.pick_precision("fp32", torch.device("cpu"), size)[0] == "fp32"
 
 
+def test_the_supervised_ceiling_beats_every_frozen_probe_on_shapes(tmp_path, restore_signals):
+    out = tmp_path / "ceiling"
+    main.main(["--dataset", "shapes", "--limit", "2000", "--epochs", "5", "--probe-epochs", "10", "--latent-dim", "32",
+               "--image-size", "32", "--device", "cpu", "--out", str(out)])
+    records = json.loads((out / "results.json").read_text())["records"]
+    ceiling = next(r["test_top1"] for r in records if r["name"] == "supervised")
+    frozen = [r[key] for r in records for key in ("test_top1", "std_test_top1", "norelu_test_top1")
+              if r["name"] != "supervised" and r.get(key) is not None]
+    assert len(frozen) == 2 * 3 + 2 * 2 and ceiling > max(frozen) + 5     # two VAEs, pixels, the untrained encoder
+
+
+# The tests below need a GPU (they are skipped elsewhere); they compare with tolerances, since CUDA runs are not bitwise.
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_step_trains_like_the_eager_step():
     device = torch.device("cuda")
@@ -267,3 +317,43 @@ def test_cuda_graph_step_trains_like_the_eager_step():
         results.append(losses)
     assert results[1][-1] < results[1][0]                     # it learns
     assert results[1] == pytest.approx(results[0], rel=0.05)  # like the eager step, up to the sampled eps
+    with pytest.raises(AssertionError, match="replays"):      # a batch of another size cannot be replayed
+        step(model, optimizer, x[0, :4], x[0, :4], 1.0, contextlib.nullcontext())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cuda_run_with_the_graph_trains_like_the_cpu_run(reference_run, tmp_path):
+    cuda = [*TINY[:-2], "--device", "cuda", "--cuda-graph", "--out", str(tmp_path / "cuda")]
+    status, stdout, stderr = run_main(*cuda)
+    assert status == 0, stderr
+    assert "capturable=True" not in stderr                    # the expected warm-up warning is not shown
+    on_cpu, on_gpu = metrics(reference_run[0]), metrics(tmp_path / "cuda")
+    assert on_gpu.keys() == on_cpu.keys()
+    for name in ("none", "crop"):
+        rows = [[json.loads(line) for line in (run / "seed0" / name / "metrics.jsonl").read_text().splitlines()]
+                for run in (reference_run[0], tmp_path / "cuda")]
+        assert rows[1][1]["train_loss"] == pytest.approx(rows[0][1]["train_loss"], rel=0.05)   # epoch 2 of stage 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_stage1_step_never_makes_the_host_wait_for_the_gpu():
+    """Batch order, augmentation and step for every augmentation, under CUDA's sync debug mode: any copy or read
+    that waits for the GPU (a blocking host-to-device copy, .item()) raises. Two warm-up steps first."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = vae.VAE(latent_dim=8, image_size=32).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x_train = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
+    y_train = torch.zeros(64, dtype=torch.long, device=device)
+    batch_rng, aug_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    for name in augment.AUGMENTATIONS:
+        augment_fn = augment.by_name(name)
+        for warm in (True, True, False):
+            torch.cuda.set_sync_debug_mode(0 if warm else "error")
+            try:
+                for x_uint8, _ in data.shuffled_batches(x_train, y_train, 16, batch_rng):
+                    x, x_aug = main.augmented_batch(x_uint8, augment_fn, 1.0, aug_rng)
+                    main.train_step(model, optimizer, x, x_aug, 1.0, contextlib.nullcontext())
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
