@@ -246,7 +246,8 @@ def train_vae(name, seed, args, run):
         loop.update(epoch=row["epoch"], step=0, sums=torch.zeros(3, device=run.device), history=loop["history"] + [row],
                     seconds=loop["seconds"] + time.perf_counter() - t_start)
         save_checkpoint(path, model, optimizer, [batch_rng, aug_rng], loop)
-        run.progress.step_seconds = (time.perf_counter() - t_start) / (steps - first_step)   # the ETA follows the load
+        if loop_steps := steps - first_step:          # none when a resume found the epoch's steps all done
+            run.progress.step_seconds = (time.perf_counter() - t_start) / loop_steps   # the ETA follows the load
         run.progress.print(f"{title} epoch {row['epoch']}/{args.epochs} done: train loss {loss:.1f}, val loss "
                            f"{row['val_loss_clean']:.1f} from clean, {row['val_loss_aug']:.1f} from augmented input; "
                            f"{peak_memory(run.device)}", force=True)
