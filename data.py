@@ -6,16 +6,15 @@ The paper (Rajagopalan 2021, "Learned Data Augmentation") evaluates on CIFAR-10 
     x_out = (1-a)(1-b) x[i, j] + a(1-b) x[i, j+1] + (1-a) b x[i+1, j] + a b x[i+1, j+1],  a = u - i, b = v - j
 with a wider (antialiased) triangle filter when shrinking. Tiny ImageNet's labelled validation set is our test set
 (its test split has no labels); for both sets `split_validation` carves our validation split from train.
-Raw files are decoded once. Tiny ImageNet's 110,000 JPEGs are slow to decode, so the uint8 result is cached in
-tiny-imagenet-200/uint8-cache.pt and read back on later runs; the cache is rebuilt when any image's name, size or
-mtime changes. `load_shapes` is our addition: 9 classes = 3 shapes x 3 hues, so geometric augmentations keep the
-label while a hue shift can change it (the paper's conclusion in miniature), with no download.
+Tiny ImageNet's 110,000 JPEGs are decoded once and cached as uint8 in tiny-imagenet-200/uint8-cache.pt, rebuilt
+when any image's name, size or mtime changes. `load_shapes` is ours: 9 classes = 3 shapes x 3 hues, so geometric
+augmentations keep the label while a hue shift can change it (the paper's conclusion in miniature), offline.
 The last section fetches a missing set with the stdlib: streamed to <archive>.part, md5-checked, extracted into a
-scratch folder and only then moved into place, so an interrupted run never leaves anything that looks complete.
-An archive already in the data folder (put there by hand) is used as it is; CIFAR10_URL / TINYIMAGENET_URL name a
-mirror. Problems a user can fix raise DataError; main.py prints its one-paragraph message and exits with status 2.
-Called by main.py: LOADERS[name](data_dir), then split_validation, resize, and per step shuffled_batches, to_float.
-Axes: N images, B batch, C channels (RGB), H/W height/width.
+scratch folder and only then moved into place, so an interrupted run never leaves anything that looks complete;
+an archive put in the data folder by hand is used as it is, and CIFAR10_URL / TINYIMAGENET_URL name a mirror.
+Problems a user can fix raise DataError; main.py prints its one-paragraph message and exits with status 2.
+Called by main.py: LOADERS[name](data_dir), split_validation, resize, per step shuffled_batches and to_float, and
+save_grid for its pictures. Axes: N images, B batch, C channels (RGB), H/W height/width.
 """
 import hashlib
 import http.client
@@ -34,7 +33,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # Defaults are the official addresses, checksums and counts. Tests serve tiny archives of tiny sets by setting the
 # CIFAR10_URL / TINYIMAGENET_URL environment variables and monkeypatching *_MD5 and *_COUNTS.
@@ -281,6 +280,20 @@ def shuffled_batches(x, y, batch_size, generator, skip=0):
 def to_float(x):
     """uint8 (B, 3, H, W) in 0-255 -> float32 (B, 3, H, W) in 0-1, on x's device."""
     return x.float() / 255
+
+
+def save_grid(path, rows, titles, scale=2, left=110):
+    """Write rows of float images (each (n, 3, H, W) in [0, 1]) as one PNG, each row titled at its left, every image
+    enlarged `scale` times without smoothing."""
+    size = rows[0].shape[-1] * scale
+    sheet = Image.new("RGB", (left + max(len(row) for row in rows) * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (title, row) in enumerate(zip(titles, rows)):
+        draw.multiline_text((6, r * size + size // 2 - 12), title, "black", ImageFont.load_default())
+        for c, image in enumerate(row):                                     # float (3, H, W) -> uint8 (H, W, 3)
+            pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            sheet.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (left + c * size, r * size))
+    sheet.save(path)
 
 
 # ---------------------------------------------------------------- downloads: fetch, check, extract a missing set

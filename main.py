@@ -38,22 +38,18 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 import augment
 import data
 import probe
 import vae
 
-# Per data set: the paper's settings for real data; ours for the offline `shapes` run (about a minute on 2 cores).
-DEFAULTS = {
-    "cifar10": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128, lr=1e-4, beta=1.0),  # batch: ours
-    "tinyimagenet": dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128, lr=1e-4, beta=1.0),
-    "shapes": dict(epochs=6, probe_epochs=40, image_size=32, batch_size=128, lr=1e-3, beta=0.1),
-}
-# Named flag sets. "paper" is the paper's settings (the defaults); "ours" is the best we measured on CIFAR-10 within
-# about 30 CPU minutes per VAE (README, "What moves the result"): the paper's image size, a KL weight of 0.1 (every
-# latent dimension in use), ten times the paper's learning rate, 20 epochs. An explicit flag wins over its recipe.
+# Per data set: the paper's settings for real data (the batch size is ours); ours for the offline `shapes` run.
+PAPER = dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128, lr=1e-4, beta=1.0)
+DEFAULTS = {"cifar10": PAPER, "tinyimagenet": PAPER,
+            "shapes": dict(epochs=6, probe_epochs=40, image_size=32, batch_size=128, lr=1e-3, beta=0.1)}
+# Named flag sets: "paper" is the defaults; "ours" the best we measured on CIFAR-10 within about 30 CPU minutes per
+# VAE (README, "What moves the result"): 64x64, a KL weight of 0.1, ten times the paper's learning rate, 20 epochs.
 RECIPES = {"paper": {}, "ours": dict(aug="crop", image_size=64, beta=0.1, lr=1e-3, epochs=20)}
 VAL_FRACTION = 0.1        # 45,000 / 5,000 for CIFAR-10; the test set is only read at the very end
 SPLIT_SEED = 0            # the validation split never changes with --seeds
@@ -217,10 +213,9 @@ def train_vae(name, seed, args, run):
     x_val = data.to_float(run.splits["val"][0][:MEASURE_IMAGES])             # (N, 3, H, W), scored every epoch
     x_val_aug = fixed_draw(name, x_val, args.strength)
     steps, title, path = len(x_train) // args.batch_size, f"stage 1 [seed {seed}, {name}]", run.path(seed, name, "vae")
-    loop = {"epoch": 0, "step": 0, "sums": torch.zeros(3, device=run.device), "history": [], "seconds": 0.0}
-    if path.exists():
-        loop = load_checkpoint(path, model, optimizer, [batch_rng, aug_rng])
-        run.progress.found_done(steps=loop["epoch"] * steps + loop["step"])
+    loop = load_checkpoint(path, model, optimizer, [batch_rng, aug_rng]) or \
+        {"epoch": 0, "step": 0, "sums": torch.zeros(3, device=run.device), "history": [], "seconds": 0.0}
+    run.progress.found_done(steps=loop["epoch"] * steps + loop["step"])
     while loop["epoch"] < args.epochs:
         epoch_start, t_start = batch_rng.get_state(), time.perf_counter()   # a resume draws this epoch's order again
         first_step = loop["step"]
@@ -280,10 +275,8 @@ def train_probe(name, head_name, features, seed, args, run):
     torch.manual_seed(seed)
     head = probe.make_head(features["train"][:1].shape[1], run.num_classes, final_relu).to(run.device)
     optimizer, rng = torch.optim.Adam(head.parameters(), lr=args.probe_lr), torch.Generator().manual_seed(seed + 2)
-    loop = {"epoch": 0, "history": [], "seconds": 0.0}
-    if path.exists():
-        loop = load_checkpoint(path, head, optimizer, [rng])
-        run.progress.found_done(epochs=loop["epoch"])
+    loop = load_checkpoint(path, head, optimizer, [rng]) or {"epoch": 0, "history": [], "seconds": 0.0}
+    run.progress.found_done(epochs=loop["epoch"])
     while loop["epoch"] < args.probe_epochs:
         t_start = time.perf_counter()
         loss = probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, rng)
@@ -346,10 +339,9 @@ def train_supervised(seed, args, run):
     augment_fn, (x_train, y_train) = augment.by_name(SUPERVISED_AUG), run.splits["train"]
     images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in run.splits.items()}
     title, path = f"control [seed {seed}, supervised]", run.path(seed, "supervised", "network")
-    loop = {"epoch": 0, "history": [], "seconds": 0.0}
-    if path.exists():
-        loop = load_checkpoint(path, network, optimizer, [batch_rng, aug_rng])
-        run.progress.found_done(steps=loop["epoch"] * (len(x_train) // args.batch_size))
+    loop = load_checkpoint(path, network, optimizer, [batch_rng, aug_rng]) or {"epoch": 0, "history": [],
+                                                                                "seconds": 0.0}
+    run.progress.found_done(steps=loop["epoch"] * (len(x_train) // args.batch_size))
     while loop["epoch"] < args.epochs:
         t_start, sums, network = time.perf_counter(), torch.zeros(3, device=run.device), network.train()
         for step, (x_uint8, y) in enumerate(data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng), 1):
@@ -510,7 +502,7 @@ def gap_to_baseline(records, aug):
            f"seeds' spread (std up to {spread:.1f})"
 
 
-def draw_reconstructions(path, vaes, x, strength, ctx, num_images=8, scale=2):
+def draw_reconstructions(path, vaes, x, strength, ctx, num_images=8):
     """The clean x, then per augmentation three rows: x_aug, the baseline's (if trained) and the augmented VAE's
     x_hat from x_aug (the paper's Figures 1-4, every augmentation on one sheet), from the measured draw."""
     rows, titles = [x[:num_images]], ["clean x"]
@@ -522,49 +514,7 @@ def draw_reconstructions(path, vaes, x, strength, ctx, num_images=8, scale=2):
             shown = [name for name in ("none", aug) if name in vaes]            # the baseline (if trained), then aug
             rows += [x_aug] + [vaes[name].reconstruct(x_aug)[0] for name in shown]
             titles += [f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in shown]
-    size, left = x.shape[-1] * scale, 110
-    sheet = Image.new("RGB", (left + num_images * size, len(rows) * size), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (title, row) in enumerate(zip(titles, rows)):
-        draw.multiline_text((6, r * size + size // 2 - 12), title, "black", ImageFont.load_default())
-        for c, img in enumerate(row):                                         # float (3, H, W) in [0, 1] -> uint8
-            pixels = (img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-            sheet.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (left + c * size, r * size))
-    sheet.save(path)
-
-
-def draw_curves(path, histories):
-    """Per-epoch probe top-1, top-5 and loss, train (thin) and validation (thick), one colour per run."""
-    font = ImageFont.load_default()
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127)]
-    panel_w, panel_h, margin = 360, 260, 48
-    sheet = Image.new("RGB", (3 * panel_w, panel_h + 14 + 14 * ((len(histories) + 2) // 3)), "white")
-    draw = ImageDraw.Draw(sheet)
-    epochs = max(r["epoch"] for h in histories.values() for r in h)
-    for p, metric in enumerate(("top1", "top5", "loss")):
-        x0, y0, x1, y1 = p * panel_w + margin, 20, (p + 1) * panel_w - 12, panel_h - 30
-        values = [r[f"{s}_{metric}"] for h in histories.values() for r in h for s in ("train", "val")]
-        low, high = min(values), max(values)
-        high = high if high > low else low + 1
-
-        def to_xy(epoch, value):
-            return (x0 + (x1 - x0) * (epoch - 1) / max(epochs - 1, 1), y1 - (y1 - y0) * (value - low) / (high - low))
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        draw.text((x0, 4), {"top1": "top-1 (%)", "top5": "top-5 (%)", "loss": "cross-entropy"}[metric], "black", font)
-        for i in range(5):                                                 # ticks on both axes
-            draw.text((x0 - 44, to_xy(1, low + (high - low) * i / 4)[1] - 5), f"{low + (high - low) * i / 4:.3g}",
-                      "black", font)
-        for epoch in sorted({round(1 + (epochs - 1) * i / 4) for i in range(5)}):
-            draw.text((to_xy(epoch, low)[0] - 6, y1 + 4), f"{epoch}", "black", font)
-        draw.text(((x0 + x1) // 2 - 14, y1 + 16), "epoch", "black", font)
-        for colour, h in zip(colours, histories.values()):
-            for split, width in (("train", 1), ("val", 3)):
-                draw.line([to_xy(r["epoch"], r[f"{split}_{metric}"]) for r in h], fill=colour, width=width)
-    for i, name in enumerate(histories):                                      # legend, three names a row
-        draw.text((margin + 360 * (i % 3), panel_h + 12 + 14 * (i // 3)), f"{name}: thin train, thick val",
-                  colours[i % len(colours)], font)
-    sheet.save(path)
+    data.save_grid(path, rows, titles)
 
 # -----------------------------------------------------------------------------
 # The experiment, start to end
@@ -583,7 +533,7 @@ def main(argv=None):
         splits, num_classes = load_data(args, device)
         write_json(run_dir / "args.json", vars(args))
         run = Run(run_dir, device, autocast_context(device, args.precision), splits, num_classes,
-                  Progress.of_command(args, len(splits["train"][0]) // args.batch_size, device))
+                  Progress(args, len(splits["train"][0]) // args.batch_size, device))
         records, first_seed = [], None
         for seed in args.seed_list:
             seed_records, vaes, histories = run_seed(seed, args, run)
@@ -593,7 +543,8 @@ def main(argv=None):
     write_results(run_dir, args, records, time.perf_counter() - t_start)
     draw_reconstructions(run_dir / "reconstructions.png", vaes, data.to_float(splits["test"][0][:MEASURE_IMAGES]),
                          args.strength, run.ctx)
-    draw_curves(run_dir / "curves.png", {name: [r for r in h if r["stage"] != "vae"] for name, h in histories.items()})
+    probe_histories = {name: [row for row in h if row["stage"] != "vae"] for name, h in histories.items()}
+    probe.draw_curves(run_dir / "curves.png", probe_histories)
     print(f"wrote {run_dir}/: results.md, results.json, reconstructions.png, curves.png, "
           f"seed*/<run>/ (vae.pt, probe.pt, metrics.jsonl, checkpoints)")
 
@@ -662,8 +613,10 @@ def save_checkpoint(path, model, optimizer, generators, loop):
 
 
 def load_checkpoint(path, model, optimizer, generators):
-    """Load what save_checkpoint wrote into the live objects, on this run's device; return the loop's state. The
-    optimizer keeps its own `capturable` (this run's device and --cuda-graph), whatever the saving run used."""
+    """Load what save_checkpoint wrote into the live objects, on this run's device. -> the loop's state (None without
+    a checkpoint). The optimizer keeps its own `capturable` (this run's device and --cuda-graph), whatever was saved."""
+    if not path.exists():
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         loop = state["loop"]
@@ -684,24 +637,20 @@ def load_checkpoint(path, model, optimizer, generators):
 
 
 class Progress:
-    """A line every --log-every seconds ending with the time the whole command still needs: the stage-1 steps and
-    probe epochs left, times what one of each took here (steps timed after the first TIMED_FROM, which allocate,
-    autotune and record the CUDA graph; probe epochs by the first one). A resumed loop subtracts what it finds done."""
+    """A line every --log-every seconds, ending with the time the whole command still needs: the stage-1 steps and
+    probe epochs left, times what one of each took here (the TIMED_STEPS steps after the first TIMED_FROM, which
+    allocate, autotune and record the CUDA graph; a probe epoch as the first did). A resumed loop subtracts what it
+    finds done."""
     TIMED_FROM, TIMED_STEPS = 5, 10
 
-    def __init__(self, log_every, device, steps_left, epochs_left, hint):
-        self.log_every, self.device, self.hint = log_every, device, hint
-        self.steps_left, self.epochs_left, self.steps_taken = steps_left, epochs_left, 0
-        self.step_seconds, self.epoch_seconds, self.last_line = None, None, time.perf_counter()
-
-    @classmethod
-    def of_command(cls, args, steps_per_epoch, device):
-        """All the work of a command: each VAE's and the ceiling's stage-1 steps, each probe head's epochs."""
-        networks, heads = len(vae_names(args)) + args.baseline, len(vae_names(args)) * len(PROBES) + 4 * args.baseline
-        hint = "" if args.image_size == 32 and args.epochs <= 10 else \
-            "--image-size 32 --epochs 10 makes the same comparison in a fraction of this (README, First steps)"
-        return cls(args.log_every, device, len(args.seed_list) * networks * args.epochs * steps_per_epoch,
-                   len(args.seed_list) * heads * args.probe_epochs, hint)
+    def __init__(self, args, steps_per_epoch, device):
+        networks, seeds = len(vae_names(args)) + args.baseline, len(args.seed_list)   # the ceiling trains like a VAE
+        heads = len(vae_names(args)) * len(PROBES) + 4 * args.baseline                # two heads per control
+        self.steps_left = seeds * networks * args.epochs * steps_per_epoch
+        self.epochs_left = seeds * heads * args.probe_epochs
+        self.log_every, self.device, self.steps_taken, self.last_line = args.log_every, device, 0, time.perf_counter()
+        self.step_seconds = self.epoch_seconds = None
+        self.slow = args.image_size > 32 or args.epochs > 10
 
     def found_done(self, steps=0, epochs=0):
         self.steps_left, self.epochs_left = self.steps_left - steps, self.epochs_left - epochs
@@ -717,8 +666,9 @@ class Progress:
             print(f"forecast: the whole command needs about {format_seconds(self.eta_seconds())} more on this machine "
                   f"({self.step_seconds * 1000:.0f} ms per stage-1 step"
                   + (")" if self.epoch_seconds else "; the probes are timed at their first epoch)"), flush=True)
-            if self.eta_seconds() > 3600 and self.hint:
-                print(f"forecast: {self.hint}", flush=True)
+            if self.eta_seconds() > 3600 and self.slow:
+                print("forecast: --image-size 32 --epochs 10 makes the same comparison in a fraction of this "
+                      "(README, First steps)", flush=True)
 
     def epoch_done(self, seconds):
         self.epochs_left, self.epoch_seconds = self.epochs_left - 1, self.epoch_seconds or seconds
@@ -753,16 +703,16 @@ def pick_device(name):
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         fail(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        fail(f"--device {name} was asked for, but this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), "
-             f"so no CUDA device {device.index or 0}; use --device cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
+        device = torch.device("cuda", device.index or 0)
+        if device.index >= torch.cuda.device_count():
+            fail(f"--device {name} was asked for, but this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                 f"so no CUDA device {device.index}; use --device cpu")
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True   # shapes never change: let cuDNN time and pick its kernels once
-        return torch.device("cuda", device.index or 0)
     return device
 
 
@@ -800,10 +750,9 @@ def sync(device):
 class cuda_graphed:
     """Wrap a training step (a function of tensors that returns a tensor) so that it is recorded once as a CUDA graph
     and replayed: one launch for the whole forward, loss, backward and Adam step instead of hundreds. The first
-    WARMUP calls run eagerly on a side stream (the capture needs warmed-up kernels and optimizer state); the next
-    copies its tensors into fixed buffers and captures; every later call copies its inputs into those buffers and
-    replays. Every call is one real step, the same training as the eager one. Needs Adam(capturable=True) and the
-    run's device current (pick_device). https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
+    WARMUP calls run eagerly on a side stream (the capture needs warm kernels and optimizer state), the next captures
+    into fixed buffers, every later call copies its inputs into them and replays: every call is one real step. Needs
+    Adam(capturable=True) and the run's device current. https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
     WARMUP = 3
 
     def __init__(self, step):
@@ -876,15 +825,14 @@ def install_signal_handlers():
 
 
 def tune_allocator():
-    """Stop glibc from returning big activation buffers to the OS after every step (Linux only). By default malloc
-    serves blocks above 128 KiB with mmap and frees them with munmap, so every step page-faults its activations in
-    again; raising the mmap and trim thresholds keeps them in the heap (at 64x64, batch 128, on a 2-core CPU: 26,844
-    page faults per step before, 0 to ~1,100 after)."""
+    """Keep glibc from handing big activation buffers back to the OS after every step (Linux only): by default it
+    serves blocks above 128 KiB with mmap and unmaps them on free, so every step page-faults its activations in
+    again (at 64x64, batch 128, 2-core CPU: 26,844 page faults per step; with these thresholds 0 to ~1,100)."""
     import ctypes                                       # only this tweak talks to the C library
     try:
         libc = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
     except OSError:                                     # musl or another libc: nothing to tune
-        libc = None
+        return
     if libc is not None:
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # from glibc's malloc.h
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)        # the largest glibc accepts on 64-bit systems

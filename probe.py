@@ -26,12 +26,15 @@ Axes: B batch, N images, D feature size, K classes.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 
 HIDDEN = 32             # the paper's head width
 EVAL_BATCH = 10_000     # rows per forward pass when scoring: one CIFAR-10 or Tiny ImageNet test set
 PIXEL_BLOCK = 1024      # pixel columns standardized at a time: a float copy of 1,024 columns, not of all
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]     # one per run in the learning curves (matplotlib's tab10 order)
 
 # -----------------------------------------------------------------------------
 # Frozen features
@@ -162,3 +165,37 @@ def train_epoch(head, optimizer, features, y, batch_size, generator):
         loss.backward()
         optimizer.step()
     return loss.item()
+
+# -----------------------------------------------------------------------------
+# Learning curves
+
+
+def draw_curves(path, histories):
+    """Per-epoch top-1, top-5 and loss of each run's head (train thin, validation thick) in three panels, as a PNG:
+    {run: [row, ...]} with rows as the training loops write them (epoch, train_top1, val_top1, ...)."""
+    font, panel_w, panel_h, margin = ImageFont.load_default(), 360, 260, 48
+    sheet = Image.new("RGB", (3 * panel_w, panel_h + 14 + 14 * ((len(histories) + 2) // 3)), "white")
+    draw = ImageDraw.Draw(sheet)
+    epochs = max(r["epoch"] for h in histories.values() for r in h)
+    for p, (metric, label) in enumerate((("top1", "top-1 (%)"), ("top5", "top-5 (%)"), ("loss", "cross-entropy"))):
+        x0, y0, x1, y1 = p * panel_w + margin, 20, (p + 1) * panel_w - 12, panel_h - 30
+        values = [r[f"{split}_{metric}"] for h in histories.values() for r in h for split in ("train", "val")]
+        low, high = min(values), max(values)
+        high = high if high > low else low + 1
+
+        def to_xy(epoch, value):
+            return x0 + (x1 - x0) * (epoch - 1) / max(epochs - 1, 1), y1 - (y1 - y0) * (value - low) / (high - low)
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        draw.text((x0, 4), label, "black", font)
+        for i in range(5):                                                 # five ticks on each axis
+            value, epoch = low + (high - low) * i / 4, round(1 + (epochs - 1) * i / 4)
+            draw.text((x0 - 44, to_xy(1, value)[1] - 5), f"{value:.3g}", "black", font)
+            draw.text((to_xy(epoch, low)[0] - 6, y1 + 4), f"{epoch}", "black", font)
+        draw.text(((x0 + x1) // 2 - 14, y1 + 16), "epoch", "black", font)
+        for colour, h in zip(COLOURS, histories.values()):
+            for split, width in (("train", 1), ("val", 3)):
+                draw.line([to_xy(r["epoch"], r[f"{split}_{metric}"]) for r in h], fill=colour, width=width)
+    for i, name in enumerate(histories):                                   # legend, three names a row
+        draw.text((margin + panel_w * (i % 3), panel_h + 12 + 14 * (i // 3)), f"{name}: thin train, thick val",
+                  COLOURS[i % len(COLOURS)], font)
+    sheet.save(path)
