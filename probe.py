@@ -17,9 +17,9 @@ tensor. Controls (ours): the same head on raw pixels and on an untrained encoder
 (the untrained mu spreads by ~1e-3, below BatchNorm's epsilon), and a ceiling, `Supervised`: the encoder
 up to mu and the head trained end to end on the labels. Raw pixels are standardized batch by batch
 (`Features`), since a float copy of Tiny ImageNet's would not fit a laptop. `latent_shift` and
-`invariance` measure what an augmentation does to mu and to the probe's answer. main.py owns the epoch
-loops (so it can checkpoint every epoch) and the autocast; this file never imports vae.py, it takes any
-model with an `encode` method.
+`invariance` measure what an augmentation does to mu and to the probe's answer; `draw_curves` plots the
+heads' per-epoch numbers (the paper's Figures 5-7). main.py owns the epoch loops (so it can checkpoint
+every epoch) and the autocast; this file never imports vae.py, it takes any model with an `encode` method.
 
 Axes: B batch, N images, D feature size, K classes.
 """

@@ -166,3 +166,14 @@ def test_to_float_maps_0_255_to_0_1():
 def test_loaders_name_the_three_sets():
     assert data.LOADERS == {"cifar10": data.load_cifar10, "tinyimagenet": data.load_tinyimagenet,
                             "shapes": data.load_shapes}
+
+
+def test_save_grid_places_every_image_enlarged_beside_its_title(tmp_path):
+    from PIL import Image
+    red, blue = torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    red[:, 0], blue[:, 2] = 1.0, 0.5                                  # two red images, then one half-blue image
+    data.save_grid(tmp_path / "grid.png", [red, blue], ["red", "blue"], scale=2, left=110)
+    sheet = Image.open(tmp_path / "grid.png")
+    assert sheet.size == (110 + 2 * 8, 2 * 8)                         # two images wide, two rows of 4 x 2 pixels
+    assert sheet.getpixel((110, 0)) == sheet.getpixel((110 + 15, 7)) == (255, 0, 0)   # the red row, corner to corner
+    assert sheet.getpixel((110, 8)) == (0, 0, 128) and sheet.getpixel((110 + 8, 8)) == (255, 255, 255)  # 0.5 -> 128

@@ -120,3 +120,12 @@ def test_the_supervised_network_is_the_encoders_mu_then_the_head():
     network.train()
     torch.nn.functional.cross_entropy(network(x), torch.arange(5)).backward()
     assert encoder.encoder[0][0].weight.grad.abs().sum() > 0            # the labels train the encoder too
+
+
+def test_draw_curves_draws_each_run_in_its_colour(tmp_path):
+    from PIL import Image
+    rows = [{"epoch": e, **{f"{s}_{m}": float(e + (s == "val")) for s in ("train", "val")
+                            for m in ("top1", "top5", "loss")}} for e in (1, 2, 3)]
+    probe.draw_curves(tmp_path / "curves.png", {"first": rows, "second": [dict(r, val_top1=0.0) for r in rows]})
+    colours = {colour for _, colour in Image.open(tmp_path / "curves.png").convert("RGB").getcolors(1 << 16)}
+    assert set(probe.COLOURS[:2]) <= colours and probe.COLOURS[2] not in colours   # two runs, two colours
