@@ -339,14 +339,14 @@ def train_supervised(seed, args, run):
     augment_fn, (x_train, y_train) = augment.by_name(SUPERVISED_AUG), run.splits["train"]
     images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in run.splits.items()}
     title, path = f"control [seed {seed}, supervised]", run.path(seed, "supervised", "network")
-    loop = load_checkpoint(path, network, optimizer, [batch_rng, aug_rng]) or {"epoch": 0, "history": [],
-                                                                                "seconds": 0.0}
+    loop = load_checkpoint(path, network, optimizer, [batch_rng, aug_rng]) or \
+        {"epoch": 0, "history": [], "seconds": 0.0}
     run.progress.found_done(steps=loop["epoch"] * (len(x_train) // args.batch_size))
     while loop["epoch"] < args.epochs:
         t_start, sums, network = time.perf_counter(), torch.zeros(3, device=run.device), network.train()
         for step, (x_uint8, y) in enumerate(data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng), 1):
-            sums += supervised_step(network, optimizer, augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)[1],
-                                    y, run.ctx)
+            _, x_aug = augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)
+            sums += supervised_step(network, optimizer, x_aug, y, run.ctx)
             run.progress.step_done()
             if STOP.is_set():
                 raise Interrupted
