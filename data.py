@@ -287,9 +287,9 @@ def save_grid(path, rows, titles, scale=2, left=110):
     enlarged `scale` times without smoothing."""
     size = rows[0].shape[-1] * scale
     sheet = Image.new("RGB", (left + max(len(row) for row in rows) * size, len(rows) * size), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for r, (title, row) in enumerate(zip(titles, rows)):
-        draw.multiline_text((6, r * size + size // 2 - 12), title, "black", ImageFont.load_default())
+        draw.multiline_text((6, r * size + size // 2 - 12), title, "black", font)
         for c, image in enumerate(row):                                     # float (3, H, W) -> uint8 (H, W, 3)
             pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             sheet.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (left + c * size, r * size))

@@ -492,7 +492,7 @@ def write_results(run_dir, args, records, wall_seconds):
 
 
 def gap_to_baseline(records, aug):
-    """'crop - none: +1.2 points of top-1 (mu), beyond the seeds' spread (std 0.4)', or within it, or one seed only."""
+    """'crop - none: +1.2 points of top-1 (mu), beyond the seeds' spread (std up to 0.4)', or within, or one seed only."""
     top1 = [[r["test_top1"] for r in records if r["name"] == name] for name in (aug, "none")]
     gap = statistics.mean(top1[0]) - statistics.mean(top1[1])
     if min(len(values) for values in top1) < 2:
@@ -639,7 +639,7 @@ def load_checkpoint(path, model, optimizer, generators):
 class Progress:
     """A line every --log-every seconds, ending with the time the whole command still needs: the stage-1 steps and
     probe epochs left, times what one of each took here (the TIMED_STEPS steps after the first TIMED_FROM, which
-    allocate, autotune and record the CUDA graph; a probe epoch as the first did). A resumed loop subtracts what it
+    allocate, autotune and record the CUDA graph; a probe epoch as long as the first). A resumed loop subtracts what it
     finds done."""
     TIMED_FROM, TIMED_STEPS = 5, 10
 
@@ -829,14 +829,15 @@ def tune_allocator():
     serves blocks above 128 KiB with mmap and unmaps them on free, so every step page-faults its activations in
     again (at 64x64, batch 128, 2-core CPU: 26,844 page faults per step; with these thresholds 0 to ~1,100)."""
     import ctypes                                       # only this tweak talks to the C library
+    if sys.platform != "linux":
+        return
     try:
-        libc = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:                                     # musl or another libc: nothing to tune
         return
-    if libc is not None:
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # from glibc's malloc.h
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)        # the largest glibc accepts on 64-bit systems
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3         # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)            # the largest glibc accepts on 64-bit systems
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 if __name__ == "__main__":
