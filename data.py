@@ -6,16 +6,20 @@ The paper (Rajagopalan 2021, "Learned Data Augmentation") evaluates on CIFAR-10 
     x_out = (1-a)(1-b) x[i, j] + a(1-b) x[i, j+1] + (1-a) b x[i+1, j] + a b x[i+1, j+1],  a = u - i, b = v - j
 with a wider (antialiased) triangle filter when shrinking. Tiny ImageNet's labelled validation set is our test set
 (its test split has no labels); for both sets `split_validation` carves our validation split from train.
+CIFAR-10's pickles are read by an unpickler that allows only numpy's array rebuilding, so a crafted file runs no code.
 Tiny ImageNet's 110,000 JPEGs are decoded once and cached as uint8 in tiny-imagenet-200/uint8-cache.pt, rebuilt
-when any image's name, size or mtime changes. `load_shapes` is ours: 9 classes = 3 shapes x 3 hues, so geometric
-augmentations keep the label while a hue shift can change it (the paper's conclusion in miniature), offline.
-The last section fetches a missing set with the stdlib: streamed to <archive>.part, md5-checked, extracted into a
-scratch folder and only then moved into place, so an interrupted run never leaves anything that looks complete;
+when any image's name, size or mtime changes or the file is damaged; a folder we cannot write costs only a warning.
+`load_shapes` is ours: 9 classes = 3 shapes x 3 hues, so geometric augmentations keep the label while a hue shift
+can change it (the paper's conclusion in miniature), offline. The last section fetches a missing set with the
+stdlib: streamed into a temporary file of its own, md5-checked and renamed; extracted into a scratch folder and
+only then moved into place, so neither an interrupted run nor two runs sharing the folder leave a half-written file;
 an archive put in the data folder by hand is used as it is, and CIFAR10_URL / TINYIMAGENET_URL name a mirror.
 Problems a user can fix raise DataError; main.py prints its one-paragraph message and exits with status 2.
 Called by main.py: LOADERS[name](data_dir), split_validation, resize, per step shuffled_batches and to_float, and
 save_grid for its pictures. Axes: N images, B batch, C channels (RGB), H/W height/width.
 """
+import errno
+import gzip
 import hashlib
 import http.client
 import os
@@ -28,6 +32,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -40,6 +45,11 @@ from PIL import Image, ImageDraw, ImageFont
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # www.cs.toronto.edu/~kriz/cifar.html
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on the same page
 CIFAR10_COUNTS = (50_000, 10_000)  # train, test images in the official release (5 batches of 10,000 + test_batch)
+CIFAR10_CLASSES = 10  # labels 0-9
+# Every global a batch names (pickletools.dis of the batches make_cifar10.py writes like the official Python 2 ones,
+# and of numpy 2's own protocol-2 pickle of a uint8 array): numpy's array rebuilding, and the codec behind bytes.
+CIFAR10_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                          ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"  # official address (Stanford CS231n)
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # md5 of that zip; Stanford publishes none, other loaders
 # (avalanche's TinyImagenet among them) check this same value
@@ -84,17 +94,45 @@ def _load_cifar10_batch(path):
         raise DataError(f"the CIFAR-10 batch file {path} is missing; delete {path.parent} so that the next run "
                         f"extracts (or downloads) it again")
     try:
-        with open(path, "rb") as file:  # official files are Python 2 pickles: 'bytes' keeps their str keys as bytes
-            batch = pickle.load(file, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise DataError(f"the CIFAR-10 batch file {path} is truncated or damaged ({error}); delete {path.parent} "
+        with open(path, "rb") as file:
+            batch = _BatchUnpickler(file, path).load()
+    except DataError:  # a refused global: its message says which
+        raise
+    except Exception as error:  # damaged bytes can make the unpickler fail in almost any way (EOF, key, memory, ...)
+        raise DataError(f"the CIFAR-10 batch file {path} is truncated or damaged ({error!r}); delete {path.parent} "
                         f"so that the next run extracts (or downloads) it again") from None
-    batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}  # bytes or str
-    data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path} holds data of shape {data.shape} and {len(labels)} labels, "
-                        f"not rows of 3072 bytes with one label each")
+    data, labels = _batch_arrays(path, batch)
     return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)  # (n, 3072) -> (n, 3, 32, 32)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """A pickle rebuilds objects by calling the functions it names, so a crafted batch could run any code (os.system,
+    say) as it loads: this unpickler hands out only those in CIFAR10_PICKLE_GLOBALS and refuses the rest unimported."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="bytes")  # official files are Python 2 pickles: their str keys load as bytes
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR10_PICKLE_GLOBALS:
+            raise DataError(f"refusing to load {self.path}: it asks for {module}.{name}, which a CIFAR-10 batch never "
+                            f"holds; delete {self.path.parent} and the archive it came from, so that the next run "
+                            f"downloads the official one")
+        return super().find_class(module, name)
+
+
+def _batch_arrays(path, batch):
+    """The rows, uint8 (n, 3072), and labels, int64 (n,), of an unpickled batch, once its types and shapes check out."""
+    batch = batch if isinstance(batch, dict) else {}  # bytes keys in the official files, str in Python 3's pickles
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    rows_ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+    labels_ok = isinstance(labels, list) and all(type(k) is int and 0 <= k < CIFAR10_CLASSES for k in labels)
+    if not (rows_ok and labels_ok and len(labels) == len(data)):
+        raise DataError(f"{path} is not a CIFAR-10 batch (a dict of uint8 rows of 3072 bytes under 'data', one "
+                        f"label 0-9 per row under 'labels'); delete {path.parent} so that the next run extracts (or "
+                        f"downloads) it again")
+    return data, np.array(labels, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- Tiny ImageNet: JPEG folders, decoded once
@@ -154,15 +192,31 @@ def _cached_images(root, files):
     """Decoded images of `files`, read from the cache when its fingerprint (names, sizes, mtimes) still matches."""
     cache = root / TINYIMAGENET_CACHE
     fingerprint = _fingerprint(root, files)
-    if cache.exists():  # written atomically below, so it is either whole or absent
-        saved = torch.load(cache, weights_only=True)
-        if saved["fingerprint"] == fingerprint:
-            return saved["images"]
+    images = _read_cache(cache, fingerprint, (len(files), 3, TINYIMAGENET_SIZE, TINYIMAGENET_SIZE))
+    if images is not None:
+        return images
     images = _decode_images(files)
-    part = cache.with_name(cache.name + ".part")
-    torch.save({"fingerprint": fingerprint, "images": images}, part)
-    os.replace(part, cache)  # atomic: a half-written cache is never read
+    try:  # a folder we cannot write (read-only, or a full disk) costs a warning, not the run
+        write_atomically(cache, lambda file: torch.save({"fingerprint": fingerprint, "images": images}, file))
+    except (OSError, RuntimeError) as error:
+        failure = error if isinstance(error, OSError) else error.__context__  # torch.save raises a RuntimeError
+        if not isinstance(failure, OSError):  # while handling a full disk's OSError
+            raise
+        print(f"cannot write the cache {cache} ({failure.strerror or failure}); going on without it: the next run "
+              f"decodes the images again", file=sys.stderr)
     return images
+
+
+def _read_cache(cache, fingerprint, shape):
+    """The cached uint8 images of this fingerprint and shape, or None (decode again) when the cache is missing, stale,
+    or holds anything else: a file cut short by a crash or a full disk must never pass for the data set."""
+    try:
+        saved = torch.load(cache, weights_only=True)  # weights_only: tensors and plain containers, never code
+    except Exception:  # missing, truncated or garbage: each fails in its own way, and each means decode again
+        return None
+    images = saved.get("images") if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+    whole = isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape == shape
+    return images if whole else None
 
 
 def _fingerprint(root, files):
@@ -282,9 +336,9 @@ def to_float(x):
     return x.float() / 255
 
 
-def save_grid(path, rows, titles, scale=2, left=110):
-    """Write rows of float images (each (n, 3, H, W) in [0, 1]) as one PNG, each row titled at its left, every image
-    enlarged `scale` times without smoothing."""
+def save_grid(rows, titles, scale=2, left=110):
+    """Rows of float images (each (n, 3, H, W) in [0, 1]) as one picture, each row titled at its left, every image
+    enlarged `scale` times without smoothing. -> PIL.Image (the caller saves it)"""
     size = rows[0].shape[-1] * scale
     sheet = Image.new("RGB", (left + max(len(row) for row in rows) * size, len(rows) * size), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
@@ -293,7 +347,7 @@ def save_grid(path, rows, titles, scale=2, left=110):
         for c, image in enumerate(row):                                     # float (3, H, W) -> uint8 (H, W, 3)
             pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             sheet.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (left + c * size, r * size))
-    sheet.save(path)
+    return sheet
 
 
 # ---------------------------------------------------------------- downloads: fetch, check, extract a missing set
@@ -311,50 +365,71 @@ def ensure_tinyimagenet(data_dir):
 def _ensure(data_dir, folder_name, archive_name, url_variable, url, md5):
     """Return data_dir/folder_name, first downloading the archive (unless it is there) and extracting it if needed."""
     data_dir = Path(data_dir)
-    folder, archive, url = data_dir / folder_name, data_dir / archive_name, os.environ.get(url_variable, url)
+    folder = data_dir / folder_name
+    archive = data_dir / archive_name
+    url = os.environ.get(url_variable, url)
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch_folder(folder, archive)  # first, so that a folder we cannot write is not taken for "offline"
     try:
-        download(url, archive, md5)
-    except (OSError, http.client.HTTPException) as error:
-        raise DataError(
-            f"found neither the folder {folder} nor the archive {archive}, and downloading {url} failed "
-            f"({getattr(error, 'reason', error)}). Connect to the internet and run again, or download {url} by hand "
-            f"and put the archive at {archive} (it is then used without downloading) or its extracted folder at "
-            f"{folder}; the environment variable {url_variable} can name a mirror.") from None
-    scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=folder.parent))
-    try:
+        _fetch(url, archive, md5, folder, url_variable)
         safe_extract(archive, scratch)
         if not (scratch / folder.name).is_dir():
             raise DataError(f"the archive {archive} has no top-level folder {folder.name}; delete it and run again")
-        os.replace(scratch / folder.name, folder)  # the only step that makes the data visible
+        try:
+            os.replace(scratch / folder.name, folder)  # the one step that makes the data visible
+        except OSError:  # another run sharing data_dir got there first: use its copy, extracted from the same archive
+            if not folder.is_dir():
+                raise DataError(f"cannot move the extracted data to {folder}; remove what is in its way") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 
+def _scratch_folder(folder, archive):
+    """A fresh hidden folder beside `folder`, one per process, to extract into; DataError if we cannot write there."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".extracting-", dir=folder.parent))
+    except OSError as error:
+        raise DataError(f"cannot extract {archive.name} into {folder.parent} ({error.strerror or error}); make that "
+                        f"folder writable, or extract the archive there by hand so that {folder} exists") from None
+
+
+def _fetch(url, archive, md5, folder, url_variable):
+    """download() the archive unless it is there; when that fails, say how to get the data by hand."""
+    try:
+        download(url, archive, md5)
+    except (OSError, http.client.HTTPException) as error:
+        if getattr(error, "errno", None) == errno.ENOSPC:  # our disk is full: the network is not to blame
+            raise DataError(f"the disk holding {archive.parent} filled up while downloading {archive.name}; free "
+                            f"some space and run again") from None
+        raise DataError(
+            f"found neither the folder {folder} nor the archive {archive}, and downloading {url} failed "
+            f"({getattr(error, 'reason', error)}). Connect to the internet and run again, or download {url} by hand "
+            f"and put the archive at {archive} (it is then used without downloading) or its extracted folder at "
+            f"{folder}; the environment variable {url_variable} can name a mirror.") from None
+
+
 def download(url, dest, md5):
-    """Stream url to dest.part with a progress line, check its length and md5, then rename it to dest.
-    Skips existing files. Whatever goes wrong, dest.part is deleted. Raises DataError on a cut-off or corrupted
-    download, OSError (urllib's URLError) when the server cannot be reached."""
+    """Stream url into a temporary file beside dest with a progress line, check its length and md5, then rename it
+    to dest; skip an existing dest, and keep one another run finishes meanwhile. Nothing is left behind on failure.
+    Raises DataError on a cut-off or corrupted download, OSError (urllib's URLError) when the server is unreachable."""
     dest = Path(dest)
     if dest.exists():
         return dest
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as file:
-            total = int(response.headers.get("Content-Length") or 0)
+    with urllib.request.urlopen(url, timeout=60) as response:
+        total = int(response.headers.get("Content-Length") or 0)
+
+        def receive(file):
             received, digest = _stream(response, file, total, dest.name)
-        if total and received < total:
-            raise DataError(f"the download of {url} was cut off after {received:,} of {total:,} bytes; "
-                            f"nothing was kept, run again to retry")
-        if digest != md5:
-            raise DataError(f"checksum mismatch for {url}: md5 {digest}, expected {md5}; "
-                            f"the downloaded file was deleted")
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
+            if total and received < total:
+                raise DataError(f"the download of {url} was cut off after {received:,} of {total:,} bytes; "
+                                f"nothing was kept, run again to retry")
+            if digest != md5:
+                raise DataError(f"checksum mismatch for {url}: md5 {digest}, expected {md5}; "
+                                f"the downloaded file was deleted")
+        write_atomically(dest, receive, keep_existing=True)
     return dest
 
 
@@ -377,6 +452,25 @@ def _stream(response, file, total, name):
     return received, digest.hexdigest()
 
 
+def write_atomically(dest, write, keep_existing=False):
+    """Fill a fresh temporary file beside dest with write(file), flush it to the disk and rename it to dest (with
+    keep_existing, drop it if dest appeared meanwhile). mkstemp gives each writer a name of its own, so two runs sharing
+    the folder never write into one file; the rename is atomic, so dest is never torn; a failure removes the file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on the disk before the name is: a crash cannot publish a torn file
+        umask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is private (0600); other users of the folder read it too
+        if not (keep_existing and dest.exists()):
+            os.replace(temporary, dest)
+    finally:
+        Path(temporary).unlink(missing_ok=True)  # already gone after the rename
+
+
 def safe_extract(archive, dest):
     """Extract a .tar(.gz) or .zip into dest after checking every member; refuse the whole archive if one
     is absolute, climbs out with '..', or is a link or device (it could write outside dest)."""
@@ -392,9 +486,14 @@ def safe_extract(archive, dest):
             with tarfile.open(archive) as tarred:
                 for info in tarred.getmembers():
                     _check_member(archive, info.name, info.isfile() or info.isdir())
-                tarred.extractall(dest, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+                # Python 3.11.4+ also has the "data" filter (safe permissions and owners); older Pythons lack it,
+                # and the checks above already refuse every member that could write outside dest
+                tarred.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"the archive {archive} is damaged ({error}); delete it and run again") from None
+    except OSError as error:  # a full disk or a folder we cannot write (BadGzipFile, an OSError too, is caught above)
+        raise DataError(f"cannot extract {archive} ({error.strerror or error}); free some disk space or make its "
+                        f"folder writable, and run again") from None
 
 
 def _check_member(archive, name, is_file_or_folder):

@@ -1,13 +1,21 @@
 """Parsers on tiny files in the official formats, the Tiny ImageNet cache, the shapes set, and the split/resize/batch
 helpers. The tiny data sets come from conftest.py."""
+import errno
+import io
 import os
+import pickle
+import shlex
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
 from conftest import VAL_CLASSES, WNIDS, grey_level, write_image
+
+MKSTEMP = tempfile.mkstemp  # the real one, for tests that patch it
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -34,6 +42,46 @@ def test_cifar10_truncated_pickle_is_named(cifar_dir):
     path = cifar_dir / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(data.DataError, match="test_batch is truncated"):
+        data.load_cifar10(cifar_dir)
+
+
+class RunsCommand:
+    """Unpickling this calls os.system(command): what a crafted batch file could do to whoever loads it."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_cifar10_batch_that_would_run_code_is_refused(cifar_dir, tmp_path):
+    marker = tmp_path / "marker"
+    batch = {"data": np.zeros((4, 3072), np.uint8), "labels": RunsCommand(f"touch {shlex.quote(str(marker))}")}
+    (cifar_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(data.DataError, match=r"refusing to load \S*data_batch_2: it asks for (posix|nt)\.system"):
+        data.load_cifar10(cifar_dir)
+    assert not marker.exists()  # refused before anything was called
+
+
+ROWS = np.zeros((4, 3072), np.uint8)
+DAMAGED_BATCHES = {  # what a batch file may hold instead of a batch; each must be a DataError naming the file
+    "a list": pickle.dumps([ROWS, [0, 1, 2, 3]], protocol=2),
+    "no labels": pickle.dumps({"data": ROWS}, protocol=2),
+    "no data": pickle.dumps({b"labels": [0, 1, 2, 3]}, protocol=2),
+    "rows of 100 bytes": pickle.dumps({"data": ROWS[:, :100], "labels": [0, 1, 2, 3]}, protocol=2),
+    "rows not uint8": pickle.dumps({"data": ROWS.astype(np.int64), "labels": [0, 1, 2, 3]}, protocol=2),
+    "label 10": pickle.dumps({"data": ROWS, "labels": [0, 1, 2, 10]}, protocol=2),
+    "labels not numbers": pickle.dumps({"data": ROWS, "labels": ["cat"] * 4}, protocol=2),
+    "one label short": pickle.dumps({"data": ROWS, "labels": [0, 1, 2]}, protocol=2),
+    "garbage": b"\x80\x02]K\x01K\x02s.",  # sets item 1 of an empty list: the unpickler raises IndexError
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_BATCHES)
+def test_cifar10_damaged_batch_is_a_data_error(cifar_dir, damage):
+    (cifar_dir / "cifar-10-batches-py" / "data_batch_4").write_bytes(DAMAGED_BATCHES[damage])
+    with pytest.raises(data.DataError, match=r"data_batch_4 (is truncated or damaged|is not a CIFAR-10 batch)"):
         data.load_cifar10(cifar_dir)
 
 
@@ -83,7 +131,85 @@ def test_tinyimagenet_cache_built_reused_and_rebuilt(tinyimagenet_dir, monkeypat
     write_image(root / "val" / "images" / "val_0.JPEG", 0)  # rewrite one file with another grey level
     third = data.load_tinyimagenet(tinyimagenet_dir)
     assert len(calls) == 1 and not torch.equal(first[2], third[2])
-    assert not list(root.glob("*.part"))
+    assert sorted(os.listdir(root)) == sorted(["train", "val", "wnids.txt", data.TINYIMAGENET_CACHE])  # no temp file
+
+
+def damaged_cache(cache, damage):
+    """The bytes of `cache` (a good cache) damaged one way: cut short, garbage, or the right fingerprint beside
+    something that is not the images."""
+    raw = cache.read_bytes()
+    if damage in ("truncated", "garbage"):
+        return raw[:len(raw) // 2] if damage == "truncated" else b"not a torch file" * 10
+    saved = torch.load(cache, weights_only=True)
+    images = saved["images"]  # (N, 3, 64, 64) uint8
+    wrong = {"wrong shape": images[:, :, :32], "wrong dtype": images.float(), "not a tensor": "images"}
+    buffer = io.BytesIO()
+    torch.save(images if damage == "not a dict" else {**saved, "images": wrong[damage]}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong shape", "wrong dtype", "not a tensor", "not a dict"])
+def test_tinyimagenet_damaged_cache_is_rebuilt(tinyimagenet_dir, monkeypatch, damage):
+    cache = tinyimagenet_dir / "tiny-imagenet-200" / data.TINYIMAGENET_CACHE
+    first = data.load_tinyimagenet(tinyimagenet_dir)
+    cache.write_bytes(damaged_cache(cache, damage))
+    decode = data._decode_images
+    calls = []
+    monkeypatch.setattr(data, "_decode_images", lambda files: calls.append(files) or decode(files))
+    second = data.load_tinyimagenet(tinyimagenet_dir)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, second))  # decoded again, not returned
+    assert torch.equal(torch.load(cache, weights_only=True)["images"], torch.cat([first[0], first[2]]))  # rewritten
+
+
+def refuse_to_create(**kwargs):
+    """Stands in for tempfile.mkstemp in a read-only folder (root ignores chmod, so the test fakes it)."""
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def create_on_a_full_disk(**kwargs):
+    """tempfile.mkstemp whose file writes go to /dev/full, where each one fails with ENOSPC."""
+    handle, name = MKSTEMP(**kwargs)
+    os.close(handle)
+    return os.open("/dev/full", os.O_WRONLY), name
+
+
+def save_as_the_disk_fills(contents, file):
+    """torch.save as it fails when the disk fills up partway (seen on a 200 KB tmpfs): a write's OSError, then a
+    RuntimeError from closing its archive while handling it."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+
+@pytest.mark.parametrize("target, fake", [("tempfile.mkstemp", refuse_to_create),
+                                          ("tempfile.mkstemp", create_on_a_full_disk),
+                                          ("torch.save", save_as_the_disk_fills)],
+                         ids=["read-only folder", "disk full", "disk full inside torch.save"])
+def test_tinyimagenet_unwritable_cache_is_only_a_warning(tinyimagenet_dir, monkeypatch, capsys, target, fake):
+    if fake is create_on_a_full_disk and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    monkeypatch.setattr(target, fake)
+    root = tinyimagenet_dir / "tiny-imagenet-200"
+    x_train, y_train, x_test, y_test = data.load_tinyimagenet(tinyimagenet_dir)
+    assert x_train.shape == (6, 3, 64, 64) and y_train.tolist() == [0, 0, 1, 1, 2, 2]  # the images come back anyway
+    reason = os.strerror(errno.EACCES if fake is refuse_to_create else errno.ENOSPC)
+    assert f"cannot write the cache {root / data.TINYIMAGENET_CACHE} ({reason}); going on" in capsys.readouterr().err
+    assert sorted(os.listdir(root)) == ["train", "val", "wnids.txt"]  # no cache, no temporary file left behind
+
+
+def test_two_runs_sharing_the_folder_write_the_cache_without_colliding(tinyimagenet_dir, monkeypatch):
+    save = torch.save
+    root = tinyimagenet_dir / "tiny-imagenet-200"
+
+    def save_while_another_run_writes_its_cache(contents, file):
+        save(contents, file)
+        monkeypatch.setattr(torch, "save", save)  # the other run saves normally
+        data.load_tinyimagenet(tinyimagenet_dir)  # ...and finishes while this run's file is still unpublished
+    monkeypatch.setattr(torch, "save", save_while_another_run_writes_its_cache)
+    first = data.load_tinyimagenet(tinyimagenet_dir)
+    assert torch.equal(torch.load(root / data.TINYIMAGENET_CACHE, weights_only=True)["images"][:6], first[0])
+    assert sorted(os.listdir(root)) == sorted(["train", "val", "wnids.txt", data.TINYIMAGENET_CACHE])
 
 
 # ---------------------------------------------------------------- shapes
@@ -172,7 +298,7 @@ def test_save_grid_places_every_image_enlarged_beside_its_title(tmp_path):
     from PIL import Image
     red, blue = torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4)
     red[:, 0], blue[:, 2] = 1.0, 0.5                                  # two red images, then one half-blue image
-    data.save_grid(tmp_path / "grid.png", [red, blue], ["red", "blue"], scale=2, left=110)
+    data.save_grid([red, blue], ["red", "blue"], scale=2, left=110).save(tmp_path / "grid.png")
     sheet = Image.open(tmp_path / "grid.png")
     assert sheet.size == (110 + 2 * 8, 2 * 8)                         # two images wide, two rows of 4 x 2 pixels
     assert sheet.getpixel((110, 0)) == sheet.getpixel((110 + 15, 7)) == (255, 0, 0)   # the red row, corner to corner

@@ -1,5 +1,6 @@
 """Downloads against an http.server on 127.0.0.1 started inside each test: checksum, extraction, cut-off and
 corrupted downloads, unsafe archive members, the offline message and exit status of main.py."""
+import errno
 import functools
 import hashlib
 import http.server
@@ -11,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -102,6 +104,85 @@ def test_cut_off_download_leaves_nothing_and_next_run_succeeds(server, cifar_arc
     assert os.listdir(tmp_path / "data") == []
     monkeypatch.setenv("CIFAR10_URL", f"{server}/cifar-10-python.tar.gz")
     assert data.load_cifar10(tmp_path / "data")[0].shape == (20, 3, 32, 32)
+
+
+def test_two_downloads_into_one_folder_do_not_collide(server, cifar_archive, tmp_path, monkeypatch):
+    url = f"{server}/cifar-10-python.tar.gz"
+    dest = tmp_path / "data" / "cifar-10-python.tar.gz"
+    dest.parent.mkdir()
+    stream = data._stream
+    finished = []
+
+    def stream_while_another_run_downloads(response, file, total, name):
+        monkeypatch.setattr(data, "_stream", stream)
+        data.download(url, dest, data.CIFAR10_MD5)  # the other run starts later and finishes first
+        finished.append(os.stat(dest).st_ino)
+        return stream(response, file, total, name)
+    monkeypatch.setattr(data, "_stream", stream_while_another_run_downloads)
+    data.download(url, dest, data.CIFAR10_MD5)
+    assert dest.read_bytes() == cifar_archive.read_bytes() and os.listdir(dest.parent) == [dest.name]
+    assert finished == [os.stat(dest).st_ino]  # the archive the other run published is kept, not replaced
+
+
+def test_run_that_loses_the_race_to_extract_uses_the_winners_folder(cifar_archive, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_URL", unreachable_url())
+    (tmp_path / "data").mkdir()
+    shutil.copy(cifar_archive, tmp_path / "data" / "cifar-10-python.tar.gz")
+    extract = data.safe_extract
+
+    def extract_while_another_run_finishes(archive, dest):
+        extract(archive, dest)
+        extract(archive, tmp_path / "data")  # the other run's folder lands before this one's
+    monkeypatch.setattr(data, "safe_extract", extract_while_another_run_finishes)
+    assert data.load_cifar10(tmp_path / "data")[0].shape == (20, 3, 32, 32)
+    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_read_only_data_folder_says_how_to_extract_the_archive(cifar_archive, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    shutil.copy(cifar_archive, tmp_path / "data" / "cifar-10-python.tar.gz")
+
+    def refuse_to_create(*args, **kwargs):  # what mkdtemp does in a read-only folder (root ignores chmod)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr("tempfile.mkdtemp", refuse_to_create)
+    with pytest.raises(data.DataError, match=r"cannot extract cifar-10-python.tar.gz into \S*data \(Permission denied\)"
+                                             r"; make that folder writable, or extract the archive there by hand"):
+        data.load_cifar10(tmp_path / "data")
+
+
+def test_disk_full_while_downloading_is_named(server, cifar_archive, tmp_path, monkeypatch):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    mkstemp = tempfile.mkstemp
+
+    def create_on_a_full_disk(**kwargs):  # the download's file writes go to /dev/full: each fails with ENOSPC
+        handle, name = mkstemp(**kwargs)
+        os.close(handle)
+        return os.open("/dev/full", os.O_WRONLY), name
+    monkeypatch.setattr(tempfile, "mkstemp", create_on_a_full_disk)
+    monkeypatch.setenv("CIFAR10_URL", f"{server}/cifar-10-python.tar.gz")
+    with pytest.raises(data.DataError, match=r"the disk holding \S*data filled up while downloading cifar-10-python"):
+        data.load_cifar10(tmp_path / "data")
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_disk_full_while_extracting_is_named(cifar_archive, tmp_path, monkeypatch):
+    def fill_the_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(tarfile.TarFile, "extractall", fill_the_disk)
+    with pytest.raises(data.DataError, match=r"cannot extract \S*cifar-10-python.tar.gz \(No space left on device\)"):
+        data.safe_extract(cifar_archive, tmp_path / "dest")
+
+
+def test_tar_extracts_on_pythons_without_extraction_filters(cifar_archive, tmp_path, monkeypatch):
+    extractall = tarfile.TarFile.extractall
+
+    def extractall_before_3_11_4(self, path=".", members=None, *, numeric_owner=False):  # no `filter` argument
+        return extractall(self, path, members, numeric_owner=numeric_owner)
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall_before_3_11_4)
+    data.safe_extract(cifar_archive, tmp_path / "dest")
+    assert len(os.listdir(tmp_path / "dest" / "cifar-10-batches-py")) == 6
 
 
 def write_unsafe_archive(path, kind, member):
