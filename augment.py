@@ -35,6 +35,10 @@ HUE_SHIFT = 0.1  # shift up to +-0.1 of the colour wheel (+-36 degrees), same so
 # Pixels that a rotation or zoom pulls from outside the image mirror the border instead of turning black:
 # black wedges would be an easy, unnatural cue that the decoder must learn to paint over.
 PADDING_MODE = "reflection"
+# strength scales every range; at 2 the crops' smallest box has side 1 - 2 * 0.5 = 0 (and at 2.5 the colour factors
+# reach 0), so every augmentation is defined for 0 <= strength < MAX_STRENGTH.
+MAX_STRENGTH = min(1 / (1 - CROP_MIN_SCALE), 1 / (1 - CENTER_CROP_MIN_SCALE), 1 / BRIGHTNESS, 1 / CONTRAST,
+                   1 / SATURATION)
 
 # ----------------------------------------------------------------------------- random parameters
 

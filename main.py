@@ -7,42 +7,64 @@ Run the paper's experiment end to end: learn an augmentation with a VAE, then pr
     python main.py --dataset cifar10 --aug crop,rotate --seeds 0,1,2 --image-size 32 --epochs 10   # a sweep
 
 Method (Rajagopalan 2021, "Learned Data Augmentation"), once per seed, in the order of this file:
-    1. stage 1 (train_vae): for every batch, x_aug = augment(x); minimise -ELBO(decode(z), x) with z ~ q(z | x_aug):
-       augmented in, clean out. First the baseline "none" (clean in, clean out), then each --aug, all from the same
-       initial weights and batch order;
+    1. stage 1 (train_vae): for every batch, x_aug = augment(x); minimise -ELBO(decode(z), x) with z ~ q(z | x_aug)
+       (vae.train_step): augmented in, clean out. First the baseline "none" (clean in, clean out), then each --aug;
     2. stage 2 (train_probe): freeze the encoder, train the paper's head on mu, report top-1/top-5;
-    3. controls: that head on raw pixels and on the untrained encoder (the VAEs' common start), and a ceiling
-       (train_supervised): that encoder and head trained end to end on the labels;
+    3. controls: the head on standardized raw pixels and on the untrained encoder (the VAEs' common start), and a
+       ceiling (train_supervised): that encoder and head trained end to end on the labels;
     4. measure (measure_augmentation): how much of the augmentation each VAE undoes, how far it moves mu, and
        whether the probe still finds the label;
-    5. report: results.md and results.json (mean +- std over seeds), reconstructions.png, curves.png.
-The machinery comes last (run folder and checkpoints, progress, device and precision, CUDA graph, errors and
-signals); nothing in it changes the method. A run folder is resumable: the same command continues it.
+    5. report: results.md and results.json (mean +- std over seeds, paired gaps), reconstructions.png, curves.png.
+A first reading may stop at `main`: the machinery after it (run folder, checkpoints, the Ledger that keeps each
+training loop's books, the forecast, device and precision, CUDA graph, errors and signals) changes nothing in the
+method. A run folder is resumable: the same command continues it.
+
+What seeds what (k: a --seeds entry), so that the VAEs of a seed differ only in their augmentation:
+    train/validation split       data.split_validation with SPLIT_SEED: the same for every k
+    VAE weights                  torch.manual_seed(k) in new_vae: every VAE of k, the untrained control, the ceiling's
+                                 encoder; it also restarts the global stream that draws eps, alike for every VAE of k
+    stage-1 batch order          Generator(k): every VAE of k and the ceiling
+    augmentation draws           Generator(k + 1): every VAE of k and the ceiling
+    head weights                 torch.manual_seed(k) before make_head: every probe of k and the ceiling's head
+    probe batch order            Generator(k + 2)
+    measurements, pictures       Generator(MEASURE_SEED) draws x_aug, Generator(SAMPLE_SEED) the prior's z
+Which split each stage reads: stage 1 and the ceiling train on train and score validation every epoch; a probe
+trains on train, scores train and validation every epoch and test once, after its last epoch; the measurements and
+pictures read the first MEASURE_IMAGES test images. Nothing is chosen on the test set. A checkpoint holds the
+weights, the optimizer, the loop's generators, the global (and CUDA) random state and the Ledger's place.
 
 Axes: B batch, C channels, H/W height/width, D latent size, K classes.
 """
 import argparse
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 import augment
 import data
 import probe
 import vae
+
+try:
+    import fcntl            # Unix: the run folder's lock, and the peak memory in the progress lines
+    import resource
+except ImportError:         # Windows: its own lock, and no peak memory
+    import msvcrt
+    fcntl = resource = None
 
 # Per data set: the paper's settings for real data (the batch size is ours); ours for the offline `shapes` run.
 PAPER = dict(epochs=100, probe_epochs=40, image_size=64, batch_size=128, lr=1e-4, beta=1.0)
@@ -51,24 +73,25 @@ DEFAULTS = {"cifar10": PAPER, "tinyimagenet": PAPER,
 # Named flag sets: "paper" is the defaults; "ours" the best we measured on CIFAR-10 within about 30 CPU minutes per
 # VAE (README, "What moves the result"): 64x64, a KL weight of 0.1, ten times the paper's learning rate, 20 epochs.
 RECIPES = {"paper": {}, "ours": dict(aug="crop", image_size=64, beta=0.1, lr=1e-3, epochs=20)}
-VAL_FRACTION = 0.1        # 45,000 / 5,000 for CIFAR-10; the test set is only read at the very end
+VAL_FRACTION = 0.1        # 45,000 / 5,000 for CIFAR-10
 SPLIT_SEED = 0            # the validation split never changes with --seeds
 MEASURE_IMAGES = 1000     # test images for the reconstruction, invariance and KL measurements
 MEASURE_SEED = 12345      # one fixed draw of augmentations for every measurement and picture, so VAEs and epochs compare
+SAMPLE_SEED = 54321       # one fixed draw of z ~ N(0, I) for the samples in reconstructions.png
 CONTROLS = ("pixels", "random-encoder", "supervised")
 SUPERVISED_AUG = "crop"   # the ceiling trains on random crops, the usual supervised recipe
-# Stage-2 heads: name -> (prefix of its numbers in results.json, final ReLU). "mu" is the paper's protocol for a VAE,
-# "standardized" the controls'; "no-relu" drops the head's final ReLU, on the features of the row's protocol.
-PROBES = {"mu": ("", True), "standardized": ("std_", True), "no-relu": ("norelu_", False)}
 # What a continued run shares with the run in its folder; more augmentations or seeds extend it.
 SETTINGS = ("dataset", "strength", "epochs", "probe_epochs", "batch_size", "image_size", "lr", "probe_lr",
             "latent_dim", "beta", "limit", "precision")
+INVOCATION = ("device", "cuda_graph", "log_every")   # what --resume takes from the command line; the rest is saved
+MIN_PYTHON = (3, 10)
+MAX_SEED = 2 ** 32 - 1
 
 # -----------------------------------------------------------------------------
 # Settings
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
 
     def per_dataset(key):
@@ -80,7 +103,8 @@ def parse_args(argv=None):
                    "'none' and the three controls (--no-baseline: only the --aug VAEs) (default: on)")
     p.add_argument("--seeds", "--seed", default="0", help="comma-separated seeds; each repeats everything, "
                    "and seeds weights, batch order and augmentations (default: %(default)s)")
-    p.add_argument("--strength", type=float, default=1.0, help="augmentation strength (0 = identity) (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=1.0, help=f"augmentation strength, 0 (identity) to below "
+                   f"{augment.MAX_STRENGTH:g} (default: %(default)s)")
     p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<aug>-seed<seeds>[-<recipe>])")
     p.add_argument("--epochs", type=int, default=None, help=f"stage-1 VAE epochs ({per_dataset('epochs')})")
@@ -98,20 +122,48 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="replay stage 1's step as one CUDA graph (default: off)")
     p.add_argument("--log-every", type=float, default=2.0, help="seconds between progress lines (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings "
-                   "(--device, --cuda-graph and --log-every are this invocation's)")
+                   "(only --device, --cuda-graph and --log-every may be given with it)")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
                    help="a named set of the flags above (see RECIPES); flags given explicitly win (default: paper)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    # A recipe changes defaults, so it is read on its own first; the real parse then lets explicit flags win.
     p.set_defaults(**RECIPES[p.parse_known_args(argv)[0].recipe])
     args = p.parse_args(argv)
+    if args.resume:
+        check_resume_flags(given_flags(p, argv))
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     recipe = "" if args.recipe == "paper" else f"-{args.recipe}"
     args.out = args.out or f"runs/{args.dataset}-{args.aug.replace(',', '+')}-seed{args.seeds.replace(',', '+')}{recipe}"
-    args.augs, args.seed_list = parse_augmentations(args.aug), parse_seeds(args.seeds)
+    args.augs = parse_augmentations(args.aug)
+    args.seed_list = parse_seeds(args.seeds)
     check_args(args)
     return args
+
+
+def given_flags(parser, argv):
+    """The names of the flags written on the command line. argparse fills in a default only where the namespace it
+    is given lacks the attribute, so a namespace pre-filled with a marker shows which ones the user set."""
+    unset = object()
+    marked = argparse.Namespace(**{key: unset for key in vars(parser.parse_args([]))})
+    return {key for key, value in vars(parser.parse_args(argv, namespace=marked)).items() if value is not unset}
+
+
+def check_resume_flags(given):
+    """--resume runs with the saved settings: a flag that would change them is refused rather than ignored."""
+    if "overwrite" in given:
+        fail("--resume continues the run in --out and --overwrite starts it over: give one of them")
+    fixed = sorted(given - {"out", "resume", *INVOCATION})
+    if fixed:
+        names = ", ".join(f"--{key.replace('_', '-')}" for key in fixed)
+        fail(f"--resume continues the run with the settings it was started with; leave out {names} "
+             f"(only --device, --cuda-graph and --log-every may change), or start another run with another --out")
 
 
 def parse_augmentations(text):
@@ -124,11 +176,14 @@ def parse_augmentations(text):
 
 
 def parse_seeds(text):
-    """'0,1,2' -> [0, 1, 2]."""
+    """'0,1,2' -> [0, 1, 2]; every seed a whole number from 0 to MAX_SEED."""
     try:
-        return list(dict.fromkeys(int(seed) for seed in text.split(",")))
+        seeds = list(dict.fromkeys(int(seed) for seed in text.split(",")))
     except ValueError:
-        fail(f"--seeds {text!r}: use whole numbers, comma-separated, such as 0,1,2")
+        seeds = []
+    if not seeds or not all(0 <= seed <= MAX_SEED for seed in seeds):
+        fail(f"--seeds {text!r}: use whole numbers from 0 to {MAX_SEED}, comma-separated, such as 0,1,2")
+    return seeds
 
 
 def vae_names(args):
@@ -149,8 +204,11 @@ def check_args(args):
         fail("--no-baseline leaves nothing to train: name an augmentation with --aug")
     if args.limit is not None and args.limit < 1:
         fail(f"--limit must be at least 1, got {args.limit}")
-    if not (args.lr > 0 and args.probe_lr > 0 and args.beta >= 0 and args.strength >= 0):
-        fail("--lr and --probe-lr must be positive, --beta and --strength non-negative")
+    if not (args.lr > 0 and args.probe_lr > 0 and args.beta >= 0):
+        fail("--lr and --probe-lr must be positive, --beta non-negative")
+    if not 0 <= args.strength < augment.MAX_STRENGTH:
+        fail(f"--strength must be at least 0 and below {augment.MAX_STRENGTH:g}, where the crops' smallest box "
+             f"shrinks to nothing; got {args.strength:g}")
 
 # -----------------------------------------------------------------------------
 # Data
@@ -177,18 +235,6 @@ def load_data(args, device):
 # Stage 1: learn the augmentation
 
 
-def train_step(model, optimizer, x, x_aug, beta, ctx):
-    """One step of stage 1, the paper's idea: encode the augmented x_aug, score the reconstruction against the clean x.
-    -> float32 tensor [loss, recon, kl] on the device (reading it would wait for the GPU, so the caller sums it)."""
-    with ctx:
-        x_logits, mu, logvar = model(x_aug)                      # (B, 3, H, W), (B, D), (B, D)
-    parts = vae.elbo(x_logits, x, mu, logvar, beta)
-    optimizer.zero_grad(set_to_none=True)
-    parts.loss.backward()
-    optimizer.step()
-    return torch.stack([parts.loss.detach(), parts.recon.mean().detach(), parts.kl.mean().detach()])  # (3,)
-
-
 def augmented_batch(x_uint8, augment_fn, strength, generator):
     """uint8 batch -> (x, x_aug), both float (B, 3, H, W) in [0, 1], channels_last for the convolutions."""
     x = data.to_float(x_uint8).contiguous(memory_format=torch.channels_last)
@@ -201,169 +247,101 @@ def new_vae(seed, args, device):
     return vae.VAE(args.latent_dim, args.image_size).to(device, memory_format=torch.channels_last)
 
 
-def train_vae(name, seed, args, run):
-    """Stage 1: train a VAE on (augment(x) -> x); checkpointed every epoch and on a signal, resumable to the step.
+def train_vae(name, seed, args, session):
+    """Stage 1: train the VAE `name` on (augment(x) -> x) from the seed's common start.
     -> model, record (seconds, images/s), per-epoch history"""
-    model = new_vae(seed, args, run.device)        # every VAE of a seed starts alike: a controlled comparison
-    graphed = args.cuda_graph and run.device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=graphed)
-    step_fn = cuda_graphed(train_step) if graphed else train_step
-    batch_rng, aug_rng = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    augment_fn, (x_train, y_train) = augment.by_name(name), run.splits["train"]
-    x_val = data.to_float(run.splits["val"][0][:MEASURE_IMAGES])             # (N, 3, H, W), scored every epoch
+    model = new_vae(seed, args, session.device)             # every VAE of a seed starts alike: a controlled comparison
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=session.graphed)
+    step = vae.cuda_graphed(vae.train_step) if session.graphed else vae.train_step
+    batch_rng = torch.Generator().manual_seed(seed)          # the batch order: the same for every VAE of the seed
+    aug_rng = torch.Generator().manual_seed(seed + 1)        # the augmentation's draws
+    augment_fn = augment.by_name(name)
+    x_train, y_train = session.splits["train"]
+    x_val = data.to_float(session.splits["val"][0][:MEASURE_IMAGES])         # (N, 3, H, W), scored every epoch
     x_val_aug = fixed_draw(name, x_val, args.strength)
-    steps, title, path = len(x_train) // args.batch_size, f"stage 1 [seed {seed}, {name}]", run.path(seed, name, "vae")
-    loop = load_checkpoint(path, model, optimizer, [batch_rng, aug_rng]) or \
-        {"epoch": 0, "step": 0, "sums": torch.zeros(3, device=run.device), "history": [], "seconds": 0.0}
-    run.progress.found_done(steps=loop["epoch"] * steps + loop["step"])
-    while loop["epoch"] < args.epochs:
-        epoch_start, t_start = batch_rng.get_state(), time.perf_counter()   # a resume draws this epoch's order again
-        first_step = loop["step"]
+    ledger = session.ledger(seed, name, "vae", model, optimizer, [batch_rng, aug_rng], args.epochs)
+    for epoch in ledger.epochs():
+        # Train: the encoder sees the augmented x_aug, the loss scores the reconstruction against the clean x.
         model.train()
-        for x_uint8, _ in data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng, skip=loop["step"]):
+        for x_uint8, _ in data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng, skip=ledger.step):
             x, x_aug = augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)
-            loop["sums"] += step_fn(model, optimizer, x, x_aug, args.beta, run.ctx)
-            loop["step"] += 1
-            run.progress.step_done()
-            if run.progress.due() or STOP.is_set():       # reading the sums waits for the device: only now and then
-                loss, recon, kl = mean_parts(loop, f"{title} epoch {loop['epoch'] + 1}", path.parent)
-                run.progress.print(f"{title} epoch {loop['epoch'] + 1}/{args.epochs} step {loop['step']}/{steps} "
-                                   f"loss {loss:.1f} = -recon {-recon:.1f} + kl {kl:.1f}")
-            if STOP.is_set():
-                loop["seconds"] += time.perf_counter() - t_start
-                batch_rng.set_state(epoch_start)
-                save_checkpoint(path, model, optimizer, [batch_rng, aug_rng], loop)
-                raise Interrupted
-        loss, recon, kl = mean_parts(loop, f"{title} epoch {loop['epoch'] + 1}", path.parent)
-        with run.ctx:
-            row = {"run": name, "seed": seed, "stage": "vae", "epoch": loop["epoch"] + 1, "train_loss": loss,
-                   "train_recon": recon, "train_kl": kl, **vae.evaluate(model, x_val, x_val_aug, args.beta)}
-        loop.update(epoch=row["epoch"], step=0, sums=torch.zeros(3, device=run.device), history=loop["history"] + [row],
-                    seconds=loop["seconds"] + time.perf_counter() - t_start)
-        save_checkpoint(path, model, optimizer, [batch_rng, aug_rng], loop)
-        if loop_steps := steps - first_step:          # none when a resume found the epoch's steps all done
-            run.progress.step_seconds = (time.perf_counter() - t_start) / loop_steps   # the ETA follows the load
-        run.progress.print(f"{title} epoch {row['epoch']}/{args.epochs} done: train loss {loss:.1f}, val loss "
-                           f"{row['val_loss_clean']:.1f} from clean, {row['val_loss_aug']:.1f} from augmented input; "
-                           f"{peak_memory(run.device)}", force=True)
-    images_per_s = args.epochs * steps * args.batch_size / max(loop["seconds"], 1e-9)
-    return model, {"vae_seconds": loop["seconds"], "vae_images_per_s": images_per_s}, loop["history"]
-
-
-def mean_parts(loop, where, folder):
-    """The epoch's mean loss, recon and kl so far (this waits for the device); a NaN or infinite loss stops the run."""
-    loss, recon, kl = (loop["sums"] / loop["step"]).tolist()
-    check_finite(loss, f"{where}, by step {loop['step']}", folder)
-    return loss, recon, kl
-
+            ledger.add(step(model, optimizer, x, x_aug, args.beta, session.autocast))   # [loss, recon, kl]
+        # Evaluate: the validation loss from clean and from augmented input, both scored against the clean x.
+        loss, recon, kl = ledger.means()
+        with session.autocast:
+            scores = vae.validate(model, x_val, x_val_aug, args.beta)
+        ledger.end_epoch({"run": name, "seed": seed, "stage": "vae", "epoch": epoch + 1, "train_loss": loss,
+                          "train_recon": recon, "train_kl": kl, **scores})
+    images = args.epochs * (len(x_train) // args.batch_size) * args.batch_size
+    return model, {"vae_seconds": ledger.seconds, "vae_images_per_s": images / max(ledger.seconds, 1e-9)}, ledger.history
 
 # -----------------------------------------------------------------------------
 # Stage 2: freeze the encoder and probe it
 
 
-class Probe(NamedTuple):
-    head: torch.nn.Module
-    history: list          # one row per epoch: train and validation loss, top-1 and top-5
-    stats: dict            # final train, val and test numbers, named with the head's prefix (PROBES)
+def frozen_mu(model, args, session):
+    """mu of every image of every split from the frozen encoder: {split: float32 (N, D)}."""
+    with session.autocast:
+        return {split: probe.extract_features(model, x, args.batch_size) for split, (x, _) in session.splits.items()}
 
 
-def train_probe(name, head_name, features, seed, args, run):
-    """Stage 2: train one of the PROBES heads on frozen features {split: (N, D)}; checkpointed every epoch."""
-    prefix, final_relu = PROBES[head_name]
-    labels = {split: y for split, (_, y) in run.splits.items()}
-    title, path = f"stage 2 [seed {seed}, {name}, {head_name}]", run.path(seed, name, f"probe-{head_name}")
-    torch.manual_seed(seed)
-    head = probe.make_head(features["train"][:1].shape[1], run.num_classes, final_relu).to(run.device)
-    optimizer, rng = torch.optim.Adam(head.parameters(), lr=args.probe_lr), torch.Generator().manual_seed(seed + 2)
-    loop = load_checkpoint(path, head, optimizer, [rng]) or {"epoch": 0, "history": [], "seconds": 0.0}
-    run.progress.found_done(epochs=loop["epoch"])
-    while loop["epoch"] < args.probe_epochs:
-        t_start = time.perf_counter()
-        loss = probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, rng)
-        check_finite(loss, f"{title} epoch {loop['epoch'] + 1}", path.parent, hint="a lower --probe-lr")
-        row = {"run": name, "head": head_name, "seed": seed, "stage": "probe", "epoch": loop["epoch"] + 1}
+def train_probe(name, features_name, features, seed, args, session):
+    """Stage 2: the paper's head on frozen features {split: (N, D)}: "mu" for a VAE (the paper's protocol),
+    "standardized" for a control. -> head, record (its last epoch's train and val numbers, test), history"""
+    labels = {split: y for split, (_, y) in session.splits.items()}
+    torch.manual_seed(seed)                                  # every head of a seed starts alike
+    head = probe.make_head(features["train"][:1].shape[1], session.num_classes).to(session.device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
+    order_rng = torch.Generator().manual_seed(seed + 2)
+    ledger = session.ledger(seed, name, f"probe-{features_name}", head, optimizer, [order_rng], args.probe_epochs)
+    for epoch in ledger.epochs():
+        probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, order_rng)
+        row = {"run": name, "head": features_name, "seed": seed, "stage": "probe", "epoch": epoch + 1}
         for split in ("train", "val"):
-            row.update({f"{split}_{k}": v for k, v in probe.evaluate(head, features[split], labels[split]).items()})
-        loop.update(epoch=row["epoch"], history=loop["history"] + [row],
-                    seconds=loop["seconds"] + time.perf_counter() - t_start)
-        save_checkpoint(path, head, optimizer, [rng], loop)
-        run.progress.epoch_done(time.perf_counter() - t_start)
-        run.progress.print(f"{title} epoch {row['epoch']}/{args.probe_epochs} loss {row['train_loss']:.3f} "
-                           f"train top-1 {row['train_top1']:.1f}% val top-1 {row['val_top1']:.1f}% "
-                           f"top-5 {row['val_top5']:.1f}%", force=row["epoch"] == args.probe_epochs)
-        if STOP.is_set():
-            raise Interrupted
-    stats = {f"test_{k}": v for k, v in probe.evaluate(head, features["test"], labels["test"]).items()}
-    stats.update({k: v for k, v in loop["history"][-1].items() if k.startswith(("train_", "val_"))},
-                 probe_seconds=loop["seconds"])
-    return Probe(head, loop["history"], {prefix + key: value for key, value in stats.items()})
-
-
-def probe_all(name, features_by_head, seed, args, run):
-    """Stage 2 with each head of {head name: features}, the first being the row's protocol.
-    -> one record of all their numbers and the first head's dead classes; the first Probe"""
-    probes = [train_probe(name, head_name, features, seed, args, run) for head_name, features in features_by_head.items()]
-    record = {key: value for p in probes for key, value in p.stats.items()}
-    record["dead_classes"] = probe.dead_classes(probes[0].head, next(iter(features_by_head.values()))["train"])
-    return record, probes[0]
-
-
-def encode(model, splits, batch_size, ctx):
-    """mu of every image of every split, from the frozen encoder: {split: float32 (N, D)}."""
-    with ctx:
-        return {split: probe.extract_features(model, x, batch_size) for split, (x, _) in splits.items()}
+            row |= {f"{split}_{k}": v for k, v in probe.evaluate(head, features[split], labels[split]).items()}
+        ledger.end_epoch(row)
+    test = probe.evaluate(head, features["test"], labels["test"])    # read once, after the last epoch
+    record = {key: value for key, value in ledger.history[-1].items() if key.startswith(("train_", "val_"))}
+    record |= {f"test_{k}": v for k, v in test.items()}
+    return head, record | {"probe": features_name, "probe_seconds": ledger.seconds}, ledger.history
 
 # -----------------------------------------------------------------------------
 # The supervised ceiling: the same encoder and head, trained end to end on the labels
 
 
-def supervised_step(network, optimizer, x_aug, y, ctx):
-    """One step of the ceiling: cross-entropy of the head on the encoder's mu. -> [loss, top-1 %, top-5 %] (3,)"""
-    with ctx:
-        logits = network(x_aug).float()                          # (B, K)
-    loss = F.cross_entropy(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    hits = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]     # (B, 5)
-    return torch.stack([loss.detach(), 100 * hits[:, 0].float().mean(), 100 * hits.any(dim=1).float().mean()])
-
-
-def train_supervised(seed, args, run):
-    """The ceiling: the VAEs' initial encoder up to mu and the paper's head, trained together on SUPERVISED_AUG inputs
-    with the VAEs' optimizer, learning rate and epochs; checkpointed every epoch (a stopped epoch is redone).
+def train_supervised(seed, args, session):
+    """The ceiling: the VAEs' initial encoder up to mu and the paper's head (started as every probe's head), trained
+    together on SUPERVISED_AUG inputs with the VAEs' optimizer, learning rate, epochs and batch order.
     -> record (test numbers), per-epoch history"""
-    network = probe.Supervised(new_vae(seed, args, run.device), probe.make_head(args.latent_dim, run.num_classes))
-    optimizer = torch.optim.Adam(network.to(run.device).parameters(), lr=args.lr)
-    batch_rng, aug_rng = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    augment_fn, (x_train, y_train) = augment.by_name(SUPERVISED_AUG), run.splits["train"]
-    images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in run.splits.items()}
-    title, path = f"control [seed {seed}, supervised]", run.path(seed, "supervised", "network")
-    loop = load_checkpoint(path, network, optimizer, [batch_rng, aug_rng]) or \
-        {"epoch": 0, "history": [], "seconds": 0.0}
-    run.progress.found_done(steps=loop["epoch"] * (len(x_train) // args.batch_size))
-    while loop["epoch"] < args.epochs:
-        t_start, sums, network = time.perf_counter(), torch.zeros(3, device=run.device), network.train()
-        for step, (x_uint8, y) in enumerate(data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng), 1):
+    encoder = new_vae(seed, args, session.device)
+    torch.manual_seed(seed)                                  # the head starts as every probe's head of the seed
+    head = probe.make_head(args.latent_dim, session.num_classes)
+    network = probe.Supervised(encoder, head).to(session.device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
+    batch_rng = torch.Generator().manual_seed(seed)          # the VAEs' batch order
+    aug_rng = torch.Generator().manual_seed(seed + 1)
+    augment_fn = augment.by_name(SUPERVISED_AUG)
+    x_train, y_train = session.splits["train"]
+    images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in session.splits.items()}
+    ledger = session.ledger(seed, "supervised", "network", network, optimizer, [batch_rng, aug_rng], args.epochs)
+    for epoch in ledger.epochs():
+        # Train on augmented batches, like stage 1, but scored on the labels.
+        network.train()
+        for x_uint8, y in data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng, skip=ledger.step):
             _, x_aug = augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)
-            sums += supervised_step(network, optimizer, x_aug, y, run.ctx)
-            run.progress.step_done()
-            if STOP.is_set():
-                raise Interrupted
-        loss, top1, top5 = (sums / step).tolist()
-        check_finite(loss, f"{title} epoch {loop['epoch'] + 1}", path.parent)
-        with run.ctx:
-            val = probe.evaluate(network, images["val"], run.splits["val"][1], args.batch_size)
-        row = {"run": "supervised", "seed": seed, "stage": "supervised", "epoch": loop["epoch"] + 1, "train_loss": loss,
-               "train_top1": top1, "train_top5": top5, **{f"val_{k}": v for k, v in val.items()}}
-        loop.update(epoch=row["epoch"], history=loop["history"] + [row],
-                    seconds=loop["seconds"] + time.perf_counter() - t_start)
-        save_checkpoint(path, network, optimizer, [batch_rng, aug_rng], loop)
-        run.progress.print(f"{title} epoch {row['epoch']}/{args.epochs} loss {loss:.3f} train top-1 {top1:.1f}% "
-                           f"(augmented) val top-1 {val['top1']:.1f}% top-5 {val['top5']:.1f}%", force=True)
-    with run.ctx:
-        test = probe.evaluate(network, images["test"], run.splits["test"][1], args.batch_size)
-    return {f"test_{k}": v for k, v in test.items()} | {"supervised_seconds": loop["seconds"]}, loop["history"]
+            ledger.add(probe.supervised_step(network, optimizer, x_aug, y, session.autocast))   # [loss, top-1, top-5]
+        # Evaluate on the validation images.
+        loss, top1, top5 = ledger.means()
+        with session.autocast:
+            val = probe.evaluate(network, images["val"], session.splits["val"][1], args.batch_size)
+        ledger.end_epoch({"run": "supervised", "seed": seed, "stage": "supervised", "epoch": epoch + 1,
+                          "train_loss": loss, "train_top1": top1, "train_top5": top5,
+                          **{f"val_{k}": v for k, v in val.items()}})
+    with session.autocast:
+        test = probe.evaluate(network, images["test"], session.splits["test"][1], args.batch_size)
+    record = {key: value for key, value in ledger.history[-1].items() if key.startswith("val_")}
+    record |= {f"test_{k}": v for k, v in test.items()}
+    return record | {"supervised_seconds": ledger.seconds}, ledger.history
 
 # -----------------------------------------------------------------------------
 # Measure: what each VAE undid, what its encoder kept
@@ -374,75 +352,92 @@ def fixed_draw(aug, x, strength):
     return augment.by_name(aug)(x, strength, torch.Generator().manual_seed(MEASURE_SEED))
 
 
-def measure_augmentation(aug, vaes, heads, x, y, strength, ctx):
-    """On the measurement images x, for the baseline and the `aug` VAE: x_hat's error from x and from x_aug, the
-    share of the augmentation undone (vae.undone_share), and what it does to mu and to the probe (probe.invariance)."""
+def measure_augmentation(aug, vaes, heads, x, y, strength, autocast):
+    """On the measurement images x, for the baseline and the `aug` VAE: x_hat's error from x and from x_aug, what the
+    augmentation does to mu and to the probe (probe.invariance), and how much of it the `aug` VAE undoes
+    (vae.undone_share: 0 no better than the baseline, 1 as good as from the clean x)."""
     x_aug = fixed_draw(aug, x, strength)
     row = {"mse_augmented_input": (x_aug - x).pow(2).mean().item()}
+    x_hat = {}
     for role, name in (("baseline", "none"), ("augmented", aug)):
-        with ctx:
-            (from_clean, mu, _), (from_aug, mu_aug, _) = vaes[name].reconstruct(x), vaes[name].reconstruct(x_aug)
-        row |= {f"{role}_mse_from_clean": (from_clean - x).pow(2).mean().item(),
-                f"{role}_mse_from_aug": (from_aug - x).pow(2).mean().item(),
-                f"{role}_undone": vae.undone_share(x, x_aug, from_aug, from_clean),
-                **{f"{role}_{key}": value for key, value in probe.invariance(heads[name], mu, mu_aug, y).items()}}
-    return row | {"undone_beyond_baseline": row["augmented_undone"] - row["baseline_undone"]}
+        with autocast:
+            from_clean, mu, _ = vaes[name].reconstruct(x)
+            from_aug, mu_aug, _ = vaes[name].reconstruct(x_aug)
+        x_hat[role] = {"clean": from_clean, "aug": from_aug}
+        row[f"{role}_mse_from_clean"] = (from_clean - x).pow(2).mean().item()
+        row[f"{role}_mse_from_aug"] = (from_aug - x).pow(2).mean().item()
+        row |= {f"{role}_{key}": value for key, value in probe.invariance(heads[name], mu, mu_aug, y).items()}
+    baseline = x_hat["baseline"]
+    row["undone"] = vae.undone_share(x, x_hat["augmented"]["aug"], baseline["aug"], baseline["clean"])
+    return row
 
 # -----------------------------------------------------------------------------
-# One seed: every VAE, its probes and measurements, then the controls
+# One seed: every VAE, its probe and measurements, then the controls
 
 
-def run_seed(seed, args, run):
-    """Both stages for the baseline and each --aug, the measurements, and the three controls.
-    -> records, the trained VAEs, each run's per-epoch history (stage 1 and its paper-protocol probe)"""
-    records, vaes, heads, histories = [], {}, {}, {}
-    x_measure, y_measure = data.to_float(run.splits["test"][0][:MEASURE_IMAGES]), run.splits["test"][1][:MEASURE_IMAGES]
+class SeedResult(NamedTuple):
+    records: list          # one per run: its test numbers and measurements
+    vaes: dict             # run name -> trained VAE
+    heads: dict            # run name -> its probe's head
+    histories: dict        # run name -> per-epoch rows (stage 1, then its probe; the ceiling's own)
+
+
+def run_seed(seed, args, session):
+    """Both stages for the baseline and each --aug, the measurements, then the three controls."""
+    result = SeedResult([], {}, {}, {})
+    x_measure = data.to_float(session.splits["test"][0][:MEASURE_IMAGES])      # (N, 3, H, W)
+    y_measure = session.splits["test"][1][:MEASURE_IMAGES]
     for name in vae_names(args):
-        model, record, vae_history = train_vae(name, seed, args, run)
-        features = encode(model, run.splits, args.batch_size, run.ctx)
-        probed, mu_probe = probe_all(name, {"mu": features, "standardized": probe.standardize(features),
-                                            "no-relu": features}, seed, args, run)
-        with run.ctx:
+        model, record, vae_history = train_vae(name, seed, args, session)
+        head, probed, probe_history = train_probe(name, "mu", frozen_mu(model, args, session), seed, args, session)
+        with session.autocast:
             _, mu, logvar = model.reconstruct(x_measure)
         record |= probed | vae.kl_summary(mu, logvar)
-        vaes[name], heads[name], histories[name] = model, mu_probe.head, vae_history + mu_probe.history
-        if name != "none" and "none" in vaes:
-            record |= measure_augmentation(name, vaes, heads, x_measure, y_measure, args.strength, run.ctx)
-        folder = run.path(seed, name, "vae").parent
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, folder / "vae.pt")
-        torch.save({k: v.cpu() for k, v in mu_probe.head.state_dict().items()}, folder / "probe.pt")
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in histories[name]))
-        records.append({"seed": seed, "name": name, **record})
+        result.vaes[name] = model
+        result.heads[name] = head
+        result.histories[name] = vae_history + probe_history
+        if name != "none" and "none" in result.vaes:
+            record |= measure_augmentation(name, result.vaes, result.heads, x_measure, y_measure, args.strength,
+                                           session.autocast)
+        result.records.append({"seed": seed, "name": name, **record})
     if args.baseline:
-        images = {split: x for split, (x, _) in run.splits.items()}
-        untrained = probe.standardize(encode(new_vae(seed, args, run.device), run.splits, args.batch_size, run.ctx))
-        controls = {name: probe_all(name, {"standardized": features, "no-relu": features}, seed, args, run)[0]
-                    for name, features in (("pixels", probe.standardized_pixels(images)), ("random-encoder", untrained))}
-        controls["supervised"], histories["supervised"] = train_supervised(seed, args, run)
-        floor, ceiling = controls["random-encoder"]["std_test_top1"], controls["supervised"]["test_top1"]
-        for record in records:     # each VAE's share of the way from the untrained encoder to the ceiling, if above
-            record["ceiling_share"] = 100 * (record["test_top1"] - floor) / (ceiling - floor) if ceiling > floor else None
-        records += [{"seed": seed, "name": name, **record} for name, record in controls.items()]
-    return records, vaes, histories
+        result.records.extend(run_controls(seed, args, session, result))
+    return result
+
+
+def run_controls(seed, args, session, result):
+    """The head on standardized raw pixels and on the untrained encoder's standardized mu, and the supervised
+    ceiling; each VAE's record gains its share of the way from the untrained encoder (0) to the ceiling (100)."""
+    images = {split: x for split, (x, _) in session.splits.items()}
+    untrained_mu = frozen_mu(new_vae(seed, args, session.device), args, session)
+    controls = {}
+    for name, features in (("pixels", probe.standardized_pixels(images)),
+                           ("random-encoder", probe.standardize(untrained_mu))):
+        _, controls[name], _ = train_probe(name, "standardized", features, seed, args, session)
+    controls["supervised"], result.histories["supervised"] = train_supervised(seed, args, session)
+    floor = controls["random-encoder"]["test_top1"]
+    ceiling = controls["supervised"]["test_top1"]
+    for record in result.records:
+        record["ceiling_share"] = 100 * (record["test_top1"] - floor) / (ceiling - floor) if ceiling > floor else None
+    return [{"seed": seed, "name": name, **record} for name, record in controls.items()]
 
 # -----------------------------------------------------------------------------
-# Report: results.md, results.json, pictures
+# Report: results.md, results.json, pictures, the trained networks
+
 
 # The tables of results.md: title, intro, whose rows ("all" runs or the "augs"), columns (title, record key).
 TABLES = [
-    ("Probe on the frozen encoder (test %)", "`mu` is the paper's protocol; `standardized` divides every feature by "
-     "its train-split std (the controls need it); `supervised` is the encoder and head trained on the labels. Dead "
-     "classes and the head without its final ReLU use the row's protocol (mu for a VAE, standardized for a control); "
-     "the last column places a VAE's top-1 (mu) between the untrained encoder (0) and the supervised ceiling (100).",
-     "all", [("top-1 (mu)", "test_top1"), ("top-5 (mu)", "test_top5"), ("top-1 (standardized)", "std_test_top1"),
-             ("top-5 (standardized)", "std_test_top5"), ("dead classes", "dead_classes"),
-             ("top-1, no final ReLU", "norelu_test_top1"), ("top-5, no final ReLU", "norelu_test_top5"),
-             ("KL nats/image", "kl"), ("dims > 0.1 nat", "informative_dims"), ("% of the way to supervised", "ceiling_share")]),
-    ("How much of each augmentation is undone (per-pixel MSE against the clean test image)", "", "augs",
+    ("Probe on the frozen encoder (test %)", "A VAE's row is the paper's head on `mu`; a control's is that head on "
+     "standardized features (each divided by its train-split std); `supervised` is the encoder and head trained on "
+     "the labels. The last column places a VAE's top-1 between the untrained encoder (0) and the ceiling (100).",
+     "all", [("top-1", "test_top1"), ("top-5", "test_top5"), ("val top-1", "val_top1"), ("KL nats/image", "kl"),
+             ("dims > 0.1 nat", "informative_dims"), ("% of the way to supervised", "ceiling_share")]),
+    ("How much of each augmentation is undone (per-pixel MSE against the clean test image)", "undone = (baseline "
+     "from x_aug - augmented VAE from x_aug) / (baseline from x_aug - baseline from x): 0 no better than the "
+     "baseline, 1 as good as the baseline from the clean image.", "augs",
      [("x_aug", "mse_augmented_input"), ("baseline from x_aug", "baseline_mse_from_aug"),
       ("augmented VAE from x_aug", "augmented_mse_from_aug"), ("baseline from x", "baseline_mse_from_clean"),
-      ("augmented VAE from x", "augmented_mse_from_clean"), ("undone, baseline", "baseline_undone"),
-      ("undone, augmented VAE", "augmented_undone"), ("undone beyond the baseline", "undone_beyond_baseline")]),
+      ("augmented VAE from x", "augmented_mse_from_clean"), ("undone", "undone")]),
     ("Which transformations keep the label", f"Top-1 of each VAE's probe (trained on clean images) on the first "
      f"{MEASURE_IMAGES} test images, clean (x) and augmented (x_aug); mu shift: 0 = mu unchanged by the "
      f"augmentation, 1 = as far as another image's.", "augs",
@@ -466,55 +461,60 @@ def markdown_table(records, names, columns):
     lines = ["| run | n | " + " | ".join(title for title, _ in columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for name in names:
         rows = [r for r in records if r["name"] == name]
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(mean_std([r.get(key) for r in rows]) for _, key in columns)
-                     + " |")
+        cells = [mean_std([r.get(key) for r in rows]) for _, key in columns]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(run_dir, args, records, wall_seconds):
-    """results.json (every record, with args, machine and wall time) and results.md (mean +- std over seeds)."""
-    write_json(run_dir / "results.json", {
-        "args": vars(args), "precision": args.precision, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.platform(), "threads": torch.get_num_threads(),
-        "wall_seconds_last_invocation": wall_seconds, "records": records})
+def write_results(folder, args, records, wall_seconds):
+    """results.json (every record, with the settings, code version, machine and wall time) and results.md."""
+    version = code_version()
+    write_file(folder / "results.json", json_bytes({
+        "args": saved_settings(args), "code": version, "precision": args.precision, "torch": torch.__version__,
+        "python": platform.python_version(), "machine": platform.platform(), "threads": torch.get_num_threads(),
+        "wall_seconds_last_invocation": wall_seconds, "records": records}))
     rows = {"all": vae_names(args) + (list(CONTROLS) if args.baseline else []), "augs": args.augs}
     tables = [(title, intro, markdown_table(records, rows[which], columns)) for title, intro, which, columns in TABLES
-              if which == "all" or args.baseline]         # the other two compare with the baseline
+              if which == "all" or args.baseline]           # the other two compare with the baseline
     sections = [f"# {args.dataset}, {args.image_size}x{args.image_size}, {args.epochs} VAE epochs (lr {args.lr:g}, "
                 f"beta {args.beta:g}, strength {args.strength:g}), {args.probe_epochs} probe epochs, seeds {args.seeds} "
-                f"(mean +- std over n seeds)"]
+                f"(mean +- std over n seeds)\n\ncode {version['git_commit'] or 'outside git'}, files "
+                f"{version['files_sha256']}; torch {torch.__version__}, {args.precision}"]
     sections += [f"## {title}\n\n" + (f"{intro}\n\n" if intro else "") + table for title, intro, table in tables]
-    gaps = "\n".join(gap_to_baseline(records, aug) for aug in args.augs if args.baseline)
+    gaps = "\n".join(probe.paired_gap(records, aug) for aug in args.augs) if args.baseline else ""
     if gaps:
-        sections.insert(2, gaps)                            # right below the probe table
-    (run_dir / "results.md").write_text("\n\n".join(sections) + "\n")
-    print(f"\n{tables[0][2]}\n(n: seeds per row; every table in {run_dir / 'results.md'})\n{gaps}")
+        sections.insert(2, gaps.replace("\n", "\n\n"))        # right below the probe table
+    write_file(folder / "results.md", ("\n\n".join(sections) + "\n").encode())
+    print(f"\n{tables[0][2]}\n(n: seeds per row; every table in {folder / 'results.md'})\n{gaps}")
 
 
-def gap_to_baseline(records, aug):
-    """'crop - none: +1.2 points of top-1 (mu), beyond the seeds' spread (std up to 0.4)', or within, or one seed only."""
-    top1 = [[r["test_top1"] for r in records if r["name"] == name] for name in (aug, "none")]
-    gap = statistics.mean(top1[0]) - statistics.mean(top1[1])
-    if min(len(values) for values in top1) < 2:
-        return f"{aug} - none: {gap:+.1f} points of top-1 (mu), one seed (--seeds 0,1,2 shows the spread)"
-    spread = max(statistics.stdev(values) for values in top1)
-    return f"{aug} - none: {gap:+.1f} points of top-1 (mu), {'beyond' if abs(gap) > spread else 'within'} the " \
-           f"seeds' spread (std up to {spread:.1f})"
-
-
-def draw_reconstructions(path, vaes, x, strength, ctx, num_images=8):
-    """The clean x, then per augmentation three rows: x_aug, the baseline's (if trained) and the augmented VAE's
-    x_hat from x_aug (the paper's Figures 1-4, every augmentation on one sheet), from the measured draw."""
-    rows, titles = [x[:num_images]], ["clean x"]
-    with ctx:
+def draw_reconstructions(vaes, x, strength, autocast, num_images=8):
+    """The clean x; then per augmentation x_aug and the baseline's (if trained) and the augmented VAE's x_hat from
+    it (the paper's Figures 1-4 on one sheet, from the measured draw); last, each VAE's samples from the prior."""
+    rows = [x[:num_images]]
+    titles = ["clean x"]
+    with autocast:
         if "none" in vaes:
-            rows, titles = rows + [vaes["none"].reconstruct(x[:num_images])[0]], titles + ["VAE 'none'\nfrom x"]
+            rows.append(vaes["none"].reconstruct(x[:num_images])[0])
+            titles.append("VAE 'none'\nfrom x")
         for aug in [name for name in vaes if name != "none"]:
             x_aug = fixed_draw(aug, x, strength)[:num_images]                  # the images the undo table measured
             shown = [name for name in ("none", aug) if name in vaes]            # the baseline (if trained), then aug
             rows += [x_aug] + [vaes[name].reconstruct(x_aug)[0] for name in shown]
             titles += [f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in shown]
-    data.save_grid(path, rows, titles)
+        for name, model in vaes.items():                                        # decode(z), z ~ N(0, I): the same z
+            rows.append(model.sample(num_images, torch.Generator().manual_seed(SAMPLE_SEED)))
+            titles.append(f"VAE '{name}'\nprior samples")
+    return data.save_grid(rows, titles)
+
+
+def save_trained(folder, seed, result):
+    """seed<k>/<run>/: vae.pt and probe.pt (state_dicts, CPU tensors) and metrics.jsonl (one line per epoch)."""
+    for name, model in result.vaes.items():
+        run_folder = folder / f"seed{seed}" / name
+        write_file(run_folder / "vae.pt", tensor_bytes({k: v.cpu() for k, v in model.state_dict().items()}))
+        write_file(run_folder / "probe.pt", tensor_bytes({k: v.cpu() for k, v in result.heads[name].state_dict().items()}))
+        write_file(run_folder / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result.histories[name]).encode())
 
 # -----------------------------------------------------------------------------
 # The experiment, start to end
@@ -522,168 +522,427 @@ def draw_reconstructions(path, vaes, x, strength, ctx, num_images=8):
 
 def main(argv=None):
     t_start = time.perf_counter()
+    check_python()
     args = parse_args(argv)
     device = pick_device(args.device)
-    run_dir, args = open_run(args)                   # a run that continues keeps the precision it started with
-    args.precision, reason = pick_precision(args.precision, device, args.image_size)
-    tune_allocator()
     install_signal_handlers()
-    print(f"{device}, {args.precision}: {reason}", flush=True)
-    with exits_cleanly(run_dir):
-        splits, num_classes = load_data(args, device)
-        write_json(run_dir / "args.json", vars(args))
-        run = Run(run_dir, device, autocast_context(device, args.precision), splits, num_classes,
-                  Progress(args, len(splits["train"][0]) // args.batch_size, device))
-        records, first_seed = [], None
-        for seed in args.seed_list:
-            seed_records, vaes, histories = run_seed(seed, args, run)
-            records += seed_records
-            first_seed = first_seed or (vaes, histories)
-    vaes, histories = first_seed
-    write_results(run_dir, args, records, time.perf_counter() - t_start)
-    draw_reconstructions(run_dir / "reconstructions.png", vaes, data.to_float(splits["test"][0][:MEASURE_IMAGES]),
-                         args.strength, run.ctx)
-    probe_histories = {name: [row for row in h if row["stage"] != "vae"] for name, h in histories.items()}
-    probe.draw_curves(run_dir / "curves.png", probe_histories)
-    print(f"wrote {run_dir}/: results.md, results.json, reconstructions.png, curves.png, "
-          f"seed*/<run>/ (vae.pt, probe.pt, metrics.jsonl, checkpoints)")
+    tune_allocator()
+    with exits_cleanly(args.out):
+        args, lock = open_run(args)                 # start, continue or refuse; a continued run keeps its settings
+        with lock:
+            args.precision, reason = pick_precision(args.precision, device, args.image_size)
+            print(f"{device}, {args.precision}: {reason}", flush=True)
+            splits, num_classes = load_data(args, device)
+            write_file(Path(args.out) / "args.json", json_bytes(saved_settings(args)))
+            session = start_session(args, device, splits, num_classes)
+            records = []
+            for seed in args.seed_list:
+                result = run_seed(seed, args, session)
+                save_trained(session.folder, seed, result)
+                records += result.records
+                if seed == args.seed_list[0]:
+                    pictured = result                   # the pictures show the first seed's VAEs
+            write_results(session.folder, args, records, time.perf_counter() - t_start)
+            x_measure = data.to_float(splits["test"][0][:MEASURE_IMAGES])
+            sheet = draw_reconstructions(pictured.vaes, x_measure, args.strength, session.autocast)
+            write_file(session.folder / "reconstructions.png", png_bytes(sheet))
+            probe_rows = {name: [row for row in rows if row["stage"] != "vae"] for name, rows in pictured.histories.items()}
+            write_file(session.folder / "curves.png", png_bytes(probe.draw_curves(probe_rows)))
+            print(f"wrote {session.folder}/: results.md, results.json, reconstructions.png, curves.png, "
+                  f"seed*/<run>/ (vae.pt, probe.pt, metrics.jsonl, checkpoints)")
+            exit_if_stopped()
 
 # -----------------------------------------------------------------------------
-# Machinery: the run folder and checkpoints, progress, device and precision, CUDA graph, errors and signals
+# Machinery: the run folder and its files, checkpoints, the Ledger, the forecast, device and precision, CUDA graph,
+# errors and signals
 
 
-class Run(NamedTuple):
+class Session(NamedTuple):
     """What one invocation settles once and every stage reads."""
     folder: Path
     device: torch.device
-    ctx: object             # the precision's autocast (a no-op for fp32), entered around every forward pass
+    autocast: object        # the precision's autocast (a no-op for fp32), entered around every forward pass
+    graphed: bool           # stage 1 replays its step as a CUDA graph (--cuda-graph on a GPU)
     splits: dict            # {split: (uint8 images (N, 3, H, W), int64 labels (N,))} on the device
     num_classes: int
-    progress: "Progress"
+    plan: "Plan"
 
-    def path(self, seed, name, part):
-        """The one place that names checkpoints: <run folder>/seed<k>/<run>/checkpoint-<part>.pt."""
-        return self.folder / f"seed{seed}" / name / f"checkpoint-{part}.pt"
+    def ledger(self, seed, name, part, model, optimizer, generators, epochs):
+        """The books of one training loop (see Ledger), continued from its checkpoint if there is one."""
+        return Ledger(self, (seed, name, part), model, optimizer, generators, epochs)
+
+
+def start_session(args, device, splits, num_classes):
+    """Settle the run's device, precision and forecast; the forecast's first estimate comes from short trials."""
+    autocast = autocast_context(device, args.precision)
+    graphed = args.cuda_graph and device.type == "cuda"
+    jobs = planned_jobs(args, {split: len(y) for split, (_, y) in splits.items()})
+    session = Session(Path(args.out), device, autocast, graphed, splits, num_classes, None)
+    plan = Plan(jobs, time_trials(session, args), args.log_every)
+    plan.forecast(slow=args.image_size > 32 or args.epochs > 10)
+    return session._replace(plan=plan)
 
 
 def open_run(args):
-    """Decide once whether to start, continue or refuse. A folder holds a run once a checkpoint exists: --resume
-    continues it with its saved settings, the same command continues it (finished parts are skipped), other
-    settings are refused unless --overwrite starts over. -> run folder, the settings to run with"""
-    run_dir = Path(args.out)
-    checkpoints = list(run_dir.glob("seed*/*/checkpoint-*.pt"))
+    """Decide once whether to start, continue or refuse, then hold the folder. A folder holds a run once a checkpoint
+    exists: --resume continues it with its saved settings, the same command continues it (finished parts are
+    skipped), other settings are refused unless --overwrite starts over. -> the settings to run with, the lock"""
+    folder = Path(args.out)
+    checkpoints = list(folder.glob("seed*/*/checkpoint-*.pt"))
     if args.resume and not checkpoints:
-        fail(f"--resume: {run_dir} holds no run to continue")
+        fail(f"--resume: {folder} holds no run to continue")
     if checkpoints and not args.overwrite:
-        saved = json.loads((run_dir / "args.json").read_text())
+        saved = read_settings(folder)
         if args.resume:
-            args = argparse.Namespace(**{**saved, "resume": True, "device": args.device, "cuda_graph": args.cuda_graph,
-                                         "log_every": args.log_every})
+            invocation = {key: getattr(args, key) for key in ("out", *INVOCATION)}
+            args = argparse.Namespace(**{**saved, **invocation, "resume": True, "overwrite": False})
         elif args.precision == "auto":
             args.precision = saved["precision"]             # a run keeps the precision it started with
         differ = [f"--{key.replace('_', '-')} {saved[key]} (asked: {getattr(args, key)})"
                   for key in SETTINGS if saved[key] != getattr(args, key)]
         if differ:
-            fail(f"{run_dir} holds a run with other settings: {', '.join(differ)}; "
+            fail(f"{folder} holds a run with other settings: {', '.join(differ)}; "
                  f"use another --out, or --overwrite to start over")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for old in checkpoints if args.overwrite else []:
-            old.unlink()
-    except OSError as e:
-        fail(f"cannot write to the output folder {run_dir}: {e.strerror}")
-    return run_dir, args
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot write to the output folder {folder}: {error.strerror}")
+    lock = lock_folder(folder)
+    for old in folder.glob("seed*/*/checkpoint-*.pt") if args.overwrite else []:
+        old.unlink()                                         # asked for by --overwrite, under the lock
+    return args, lock
 
 
-def write_json(path, obj):
-    """Write JSON atomically: a temporary file, then a rename."""
-    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(f"{path}.tmp", path)
+def saved_settings(args):
+    """What args.json keeps: every setting, never --resume or --overwrite (they say what to do, not what the run is)."""
+    return {key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}
 
 
-def save_checkpoint(path, model, optimizer, generators, loop):
+def read_settings(folder):
+    """The settings in <folder>/args.json, beside its checkpoints; one line and status 2 when missing or damaged."""
+    path = folder / "args.json"
+    needed = (*SETTINGS, "aug", "augs", "baseline", "seeds", "seed_list", "data_dir", "recipe")
+    try:
+        saved = json.loads(path.read_text())
+        missing = [key for key in needed if key not in saved]
+    except (OSError, ValueError, TypeError) as error:
+        fail(f"{path} is missing or damaged ({type(error).__name__}); it holds the settings of the run in {folder}, "
+             f"so the run cannot continue: use another --out, or --overwrite to start over")
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}: it was written by another version of main.py; "
+             f"use another --out, or --overwrite to start over")
+    return saved
+
+
+def lock_folder(folder):
+    """Hold the run folder for this process's lifetime: a second process on it is refused (one line, status 2).
+    -> the open lock file; closing it releases the lock."""
+    lock = open(folder / "lock", "a+b")
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        lock.close()
+        fail(f"{folder} is in use by another run of main.py; wait for it to end, or use another --out")
+    return lock
+
+
+def write_file(path, payload):
+    """Write bytes durably and atomically (data.write_atomically: a temporary file of its own beside `path`, fsynced,
+    then renamed), so a crash, a full disk or a second writer never leaves a torn file. A failure is one line and
+    status 2; the file that was there is kept."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.write_atomically(path, lambda file: file.write(payload))
+    except OSError as error:
+        fail(f"cannot write {path} ({error.strerror or error}); the last good copy, if any, is kept")
+
+
+def json_bytes(obj):
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def tensor_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def code_version():
+    """Which code wrote the numbers: a hash of the five files, and the git commit when run from a checkout (marked
+    '+changes' when those files differ from it)."""
+    here = Path(__file__).resolve().parent
+    files = [f"{name}.py" for name in ("data", "augment", "vae", "probe", "main")]
+    digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in files)).hexdigest()[:12]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", *files], cwd=here, capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = changed = ""
+    return {"files_sha256": digest, "git_commit": commit + ("+changes" if commit and changed else "") or None}
+
+
+CHECKPOINT_FORMAT = 2       # the layout save_checkpoint writes; another is refused with one line
+
+
+def save_checkpoint(path, model, optimizer, generators, state):
     """All a loop needs to continue exactly: weights, optimizer, its generators, the global random stream (eps in
-    reparameterize) and the CUDA one of the run's device, and the loop's state; atomically, as write_json."""
+    reparameterize) and the CUDA one of the run's device, and the Ledger's state; written as write_file does."""
     device = next(model.parameters()).device
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": loop,
-                "generators": [g.get_state() for g in generators], "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    write_file(path, tensor_bytes({
+        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": state,
+        "generators": [g.get_state() for g in generators], "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}))
 
 
 def load_checkpoint(path, model, optimizer, generators):
-    """Load what save_checkpoint wrote into the live objects, on this run's device. -> the loop's state (None without
-    a checkpoint). The optimizer keeps its own `capturable` (this run's device and --cuda-graph), whatever was saved."""
+    """Load what save_checkpoint wrote into the live objects, on this run's device. -> the Ledger's state (None
+    without a checkpoint). Tensors and plain values only (weights_only): a file cannot run code. The optimizer keeps
+    its own `capturable` (this run's device and --cuda-graph), whatever was saved."""
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        loop = state["loop"]
-    except Exception as e:   # torch raises several types for a damaged file; an older main.py wrote no "loop"
-        fail(f"checkpoint {path} is truncated, unreadable or from an older main.py ({type(e).__name__}); "
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state = saved["loop"]
+        layout = saved.get("format")
+    except Exception as error:   # torch raises several types for a damaged or refused file
+        fail(f"checkpoint {path} is truncated, unreadable or holds more than tensors ({type(error).__name__}); "
              f"delete it to redo that stage, or start over with --overwrite")
+    if layout != CHECKPOINT_FORMAT:
+        fail(f"checkpoint {path} was written by another version of main.py; use another --out, or --overwrite "
+             f"to start over")
     device = next(model.parameters()).device
-    model.load_state_dict(state["model"])
-    for group in state["optimizer"]["param_groups"]:
+    model.load_state_dict(saved["model"])
+    for group in saved["optimizer"]["param_groups"]:
         group["capturable"] = optimizer.defaults.get("capturable", False)   # load_state_dict places `step` by it
-    optimizer.load_state_dict(state["optimizer"])
-    for generator, saved in zip(generators, state["generators"]):
-        generator.set_state(saved)
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in loop.items()}
+    optimizer.load_state_dict(saved["optimizer"])
+    for generator, generator_state in zip(generators, saved["generators"]):
+        generator.set_state(generator_state)
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()}
 
 
-class Progress:
-    """A line every --log-every seconds, ending with the time the whole command still needs: the stage-1 steps and
-    probe epochs left, times what one of each took here (the TIMED_STEPS steps after the first TIMED_FROM, which
-    allocate, autotune and record the CUDA graph; a probe epoch as long as the first). A resumed loop subtracts what it
-    finds done."""
-    TIMED_FROM, TIMED_STEPS = 5, 10
+# What a Ledger prints at an epoch's end, by the row's stage, and what to try when its loss diverges.
+EPOCH_LINE = {"vae": "train loss {train_loss:.1f}, val loss {val_loss_clean:.1f} from clean, {val_loss_aug:.1f} "
+                     "from augmented input",
+              "probe": "loss {train_loss:.3f} train top-1 {train_top1:.1f}% val top-1 {val_top1:.1f}% top-5 {val_top5:.1f}%",
+              "supervised": "loss {train_loss:.3f} train top-1 {train_top1:.1f}% (augmented) val top-1 "
+                            "{val_top1:.1f}% top-5 {val_top5:.1f}%"}
+DIVERGED_HINT = {"vae": "a lower --lr or --precision fp32", "probe": "a lower --probe-lr",
+                 "supervised": "a lower --lr or --precision fp32"}
 
-    def __init__(self, args, steps_per_epoch, device):
-        networks, seeds = len(vae_names(args)) + args.baseline, len(args.seed_list)   # the ceiling trains like a VAE
-        heads = len(vae_names(args)) * len(PROBES) + 4 * args.baseline                # two heads per control
-        self.steps_left = seeds * networks * args.epochs * steps_per_epoch
-        self.epochs_left = seeds * heads * args.probe_epochs
-        self.log_every, self.device, self.steps_taken, self.last_line = args.log_every, device, 0, time.perf_counter()
-        self.step_seconds = self.epoch_seconds = None
-        self.slow = args.image_size > 32 or args.epochs > 10
 
-    def found_done(self, steps=0, epochs=0):
-        self.steps_left, self.epochs_left = self.steps_left - steps, self.epochs_left - epochs
+class Ledger:
+    """The books of one training loop, kept where the loop does not see them: where it stands (epoch, step, the
+    epoch's summed [loss, ...]), its checkpoint (loaded at the start, saved every epoch and on a signal), the stop
+    signal, the NaN check, progress lines and the forecast. The loop calls it; it never calls the loop. The first
+    generator orders the batches: a stop mid-epoch saves it as it was when the epoch began, so the resumed epoch
+    draws the same order and skips the steps already taken."""
 
-    def step_done(self):
-        self.steps_left, self.steps_taken = self.steps_left - 1, self.steps_taken + 1
-        if self.steps_taken in (self.TIMED_FROM, self.TIMED_FROM + self.TIMED_STEPS):
-            sync(self.device)                                      # the GPU runs ahead of the host
-            if self.steps_taken == self.TIMED_FROM:
-                self.timer = time.perf_counter()
-                return
-            self.step_seconds = (time.perf_counter() - self.timer) / self.TIMED_STEPS
-            print(f"forecast: the whole command needs about {format_seconds(self.eta_seconds())} more on this machine "
-                  f"({self.step_seconds * 1000:.0f} ms per stage-1 step"
-                  + (")" if self.epoch_seconds else "; the probes are timed at their first epoch)"), flush=True)
-            if self.eta_seconds() > 3600 and self.slow:
-                print("forecast: --image-size 32 --epochs 10 makes the same comparison in a fraction of this "
-                      "(README, First steps)", flush=True)
+    def __init__(self, session, key, model, optimizer, generators, epochs):
+        seed, name, part = key
+        self.session, self.key, self.epochs_total = session, key, epochs
+        self.model, self.optimizer, self.generators = model, optimizer, generators
+        self.path = session.folder / f"seed{seed}" / name / f"checkpoint-{part}.pt"
+        self.title = {"vae": f"stage 1 [seed {seed}, {name}]", "network": f"control [seed {seed}, {name}]"}.get(
+            part, f"stage 2 [seed {seed}, {name}, {part.removeprefix('probe-')}]")
+        state = load_checkpoint(self.path, model, optimizer, generators) or \
+            {"epoch": 0, "step": 0, "sums": None, "history": [], "seconds": 0.0}
+        self.epoch = state["epoch"]
+        self.step = state["step"]
+        self.sums = state["sums"]
+        self.history = state["history"]
+        self.seconds = state["seconds"]
+        self.steps = session.plan.start(key, self.epoch, self.step)     # steps per epoch, for the progress lines
 
-    def epoch_done(self, seconds):
-        self.epochs_left, self.epoch_seconds = self.epochs_left - 1, self.epoch_seconds or seconds
+    def epochs(self):
+        """The epochs still to train, numbered from 0; each starts the clock and notes the batch order's state."""
+        while self.epoch < self.epochs_total:
+            self.order_state = self.generators[0].get_state()
+            self.t_start = time.perf_counter()
+            self.first_step = self.step
+            yield self.epoch
+
+    def add(self, parts):
+        """Count one step's [loss, ...] (kept on the device); now and then print a progress line; on a signal save
+        the checkpoint and stop."""
+        self.sums = parts if self.sums is None else self.sums + parts
+        self.step += 1
+        self.session.plan.done(self.key)
+        if self.session.plan.due() or STOP.is_set():         # reading the sums waits for the device: only now and then
+            loss, *others = self.means()
+            self.session.plan.print(f"{self.title} epoch {self.epoch + 1}/{self.epochs_total} step {self.step}/"
+                                    f"{self.steps} loss {loss:.1f} (" + ", ".join(f"{v:.1f}" for v in others) + ")")
+        if STOP.is_set():
+            self.seconds += time.perf_counter() - self.t_start
+            self.generators[0].set_state(self.order_state)     # the resumed epoch draws this order again
+            self.save()
+            raise Interrupted
+
+    def means(self):
+        """The epoch's means so far of what `add` summed (this waits for the device); a NaN or infinite loss stops
+        the run with status 3, keeping the last checkpoint."""
+        values = (self.sums / self.step).tolist()
+        check_finite(values[0], f"{self.title} epoch {self.epoch + 1}, by step {self.step}", self.path.parent,
+                     DIVERGED_HINT["vae"])
+        return values
+
+    def end_epoch(self, row):
+        """Close the epoch: check its loss, keep its row, save the checkpoint, print its line; stop on a signal."""
+        stage = row["stage"]
+        check_finite(row["train_loss"], f"{self.title} epoch {self.epoch + 1}", self.path.parent, DIVERGED_HINT[stage])
+        seconds = time.perf_counter() - self.t_start
+        self.session.plan.epoch_done(self.key, seconds, self.step - self.first_step)
+        self.history = self.history + [row]
+        self.epoch += 1
+        self.step = 0
+        self.sums = None
+        self.seconds += seconds
+        self.save()
+        memory = f"; {peak_memory(self.session.device)}" if stage == "vae" else ""
+        self.session.plan.print(f"{self.title} epoch {self.epoch}/{self.epochs_total} " + ("" if stage == "probe" else
+                                "done: ") + EPOCH_LINE[stage].format(**row) + memory,
+                                force=stage != "probe" or self.epoch == self.epochs_total)
+        if STOP.is_set():
+            raise Interrupted
+
+    def save(self):
+        save_checkpoint(self.path, self.model, self.optimizer, self.generators, {
+            "epoch": self.epoch, "step": self.step, "sums": self.sums, "history": self.history, "seconds": self.seconds})
+
+
+class Job(NamedTuple):
+    kind: str               # what one unit of it is: "vae step", "supervised step", "probe epoch, <D> features"
+    epochs: int
+    units_per_epoch: int
+
+
+def planned_jobs(args, sizes):
+    """Every training loop the command runs, keyed as its checkpoint is, in run_seed's order: {(seed, run, part): Job}.
+    sizes: {split: images}. A test checks that these are exactly the checkpoints a run writes."""
+    steps = sizes["train"] // args.batch_size
+    mu = f"probe epoch, {args.latent_dim} features"
+    jobs = {}
+    for seed in args.seed_list:
+        for name in vae_names(args):
+            jobs[(seed, name, "vae")] = Job("vae step", args.epochs, steps)
+            jobs[(seed, name, "probe-mu")] = Job(mu, args.probe_epochs, 1)
+        if args.baseline:
+            jobs[(seed, "pixels", "probe-standardized")] = Job(f"probe epoch, {3 * args.image_size ** 2} features",
+                                                               args.probe_epochs, 1)
+            jobs[(seed, "random-encoder", "probe-standardized")] = Job(mu, args.probe_epochs, 1)
+            jobs[(seed, "supervised", "network")] = Job("supervised step", args.epochs, steps)
+    return jobs
+
+
+class Plan:
+    """How long the whole command still needs: the units of work left in every planned job (a stage-1 step, a ceiling
+    step, a probe epoch on features of some width), each times the seconds one
+    unit of its kind takes here, first from short trials (time_trials), then from the loops' own epochs. Also decides
+    when a progress line is due."""
+
+    def __init__(self, jobs, unit_seconds, log_every):
+        self.jobs = jobs
+        self.left = {key: job.epochs * job.units_per_epoch for key, job in jobs.items()}
+        self.unit_seconds = unit_seconds
+        self.log_every = log_every
+        self.last_line = time.perf_counter()
+
+    def start(self, key, epoch, step):
+        """A loop begins, having found `epoch` epochs and `step` steps done. -> its units per epoch"""
+        assert key in self.jobs, f"{key} runs, but planned_jobs does not count it: the forecast would miss it"
+        job = self.jobs[key]
+        self.left[key] -= epoch * job.units_per_epoch + step
+        return job.units_per_epoch
+
+    def done(self, key):
+        self.left[key] -= 1
+
+    def epoch_done(self, key, seconds, steps):
+        """An epoch of `key` took `seconds` (its `steps` steps, if it counts steps): that is what its kind costs now."""
+        job = self.jobs[key]
+        if job.units_per_epoch == 1:
+            self.left[key] -= 1
+            self.unit_seconds[job.kind] = seconds
+        elif steps:
+            self.unit_seconds[job.kind] = seconds / steps
 
     def eta_seconds(self):
-        if self.step_seconds is not None:
-            return self.steps_left * self.step_seconds + self.epochs_left * (self.epoch_seconds or 0)
+        return sum(left * self.unit_seconds[self.jobs[key].kind] for key, left in self.left.items())
+
+    def forecast(self, slow):
+        per_step = self.unit_seconds["vae step"] * 1000
+        print(f"forecast: the whole command needs about {format_seconds(self.eta_seconds())} more on this machine "
+              f"({per_step:.0f} ms per stage-1 step in a short trial; the ETA follows each finished epoch)", flush=True)
+        if self.eta_seconds() > 3600 and slow:
+            print("forecast: --image-size 32 --epochs 10 makes the same comparison in a fraction of this "
+                  "(README, First steps)", flush=True)
 
     def due(self):
         return time.perf_counter() - self.last_line >= self.log_every
 
     def print(self, text, force=False):
         if force or self.due() or STOP.is_set():
-            self.last_line, eta = time.perf_counter(), self.eta_seconds()
-            print(text + (f" | ETA {format_seconds(eta)}" if eta is not None else ""), flush=True)
+            self.last_line = time.perf_counter()
+            print(f"{text} | ETA {format_seconds(self.eta_seconds())}", flush=True)
+
+
+def time_trials(session, args):
+    """Seconds per unit of each kind of work the Plan counts, from a few units of each on throwaway networks and
+    the first training images. The run's random streams are untouched (fork_rng, fresh generators)."""
+    x_uint8, y = (tensor[:args.batch_size] for tensor in session.splits["train"])
+    x_train, y_train = session.splits["train"]
+    rows = min(len(y_train), max(len(y_train) // 8, 2 * args.batch_size))   # a probe epoch is timed on an eighth
+    epoch_scale = len(y_train) / rows
+    score_scale = (len(y_train) + len(session.splits["val"][1])) / rows
+    generator = torch.Generator().manual_seed(0)
+    devices = [session.device] if session.device.type == "cuda" else []
+    seconds = {}
+    with torch.random.fork_rng(devices=devices):
+        model = vae.VAE(args.latent_dim, args.image_size).to(session.device, memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        seconds["vae step"] = timed(session.device, lambda: vae.train_step(
+            model, optimizer, *augmented_batch(x_uint8, augment.crop, args.strength, generator), args.beta,
+            session.autocast))
+        network = probe.Supervised(model, probe.make_head(args.latent_dim, session.num_classes).to(session.device))
+        optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
+        seconds["supervised step"] = timed(session.device, lambda: probe.supervised_step(
+            network, optimizer, augmented_batch(x_uint8, augment.crop, args.strength, generator)[1], y,
+            session.autocast))
+        for width, features in ((args.latent_dim, torch.randn(rows, args.latent_dim, device=session.device)),
+                                (3 * args.image_size ** 2, probe.Features(x_train[:rows], lambda x: x.flatten(1)))):
+            head = probe.make_head(width, session.num_classes).to(session.device)
+            optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
+            train = timed(session.device, lambda: probe.train_epoch(
+                head, optimizer, features, y_train[:rows], args.batch_size, generator), repeats=1)
+            score = timed(session.device, lambda: probe.evaluate(head, features, y_train[:rows]), repeats=1)
+            seconds[f"probe epoch, {width} features"] = train * epoch_scale + score * score_scale
+    return seconds
+
+
+def timed(device, work, repeats=3, warmup=1):
+    """Seconds one call of work() takes, the mean of `repeats` calls after `warmup` (the GPU waited for)."""
+    for _ in range(warmup):
+        work()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def format_seconds(seconds):
@@ -691,10 +950,12 @@ def format_seconds(seconds):
 
 
 def peak_memory(device):
-    """Peak memory so far, to show that it does not grow: this process's resident memory (Linux), and the GPU's."""
-    import resource
-    text = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB"    # ru_maxrss: KiB
-    return text + (f", GPU {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB" if device.type == "cuda" else "")
+    """Peak memory so far, to show that it does not grow: this process's resident memory (where the OS tells it:
+    Unix), and the GPU's."""
+    text = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB" if resource else ""
+    if device.type == "cuda":
+        text += f"{', ' if text else 'peak memory '}GPU {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
+    return text or "peak memory not known on this system"
 
 
 def pick_device(name):
@@ -747,42 +1008,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-class cuda_graphed:
-    """Wrap a training step (a function of tensors that returns a tensor) so that it is recorded once as a CUDA graph
-    and replayed: one launch for the whole forward, loss, backward and Adam step instead of hundreds. The first
-    WARMUP calls run eagerly on a side stream (the capture needs warm kernels and optimizer state), the next captures
-    into fixed buffers, every later call copies its inputs into them and replays: every call is one real step. Needs
-    Adam(capturable=True) and the run's device current. https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
-    WARMUP = 3
-
-    def __init__(self, step):
-        self.step, self.calls, self.graph = step, 0, None
-        self.side_stream = torch.cuda.Stream()
-
-    def __call__(self, *args):
-        self.calls += 1
-        if self.calls <= self.WARMUP:
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # expected here
-                out = self.step(*args)
-            torch.cuda.current_stream().wait_stream(self.side_stream)
-            return out
-        if self.graph is None:
-            self.args = [a.clone() if torch.is_tensor(a) else a for a in args]   # the buffers the graph reads
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.step(*self.args)
-        for buffer, a in zip(self.args, args):
-            if torch.is_tensor(a) and a is not buffer:
-                assert (a.shape, a.dtype) == (buffer.shape, buffer.dtype), f"the graph replays {buffer.shape} " \
-                    f"{buffer.dtype}, not {a.shape} {a.dtype}"
-                buffer.copy_(a)
-        self.graph.replay()
-        return self.out.clone()
-
-
-STOP = threading.Event()  # set by SIGINT/SIGTERM; the training loops check it after every step
+STOP = threading.Event()  # set by SIGINT/SIGTERM; the Ledger checks it after every step and epoch
 
 
 class Interrupted(Exception):
@@ -795,7 +1021,12 @@ def fail(message, status=2):
     raise SystemExit(status)
 
 
-def check_finite(loss, where, folder, hint="a lower --lr or --precision fp32"):
+def check_python(version=sys.version_info):
+    if tuple(version[:2]) < MIN_PYTHON:
+        fail(f"this program needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; this is {version[0]}.{version[1]}")
+
+
+def check_finite(loss, where, folder, hint):
     """Stop with status 3 when the loss is NaN or infinite; the last checkpoint (the previous epoch) is kept."""
     if not math.isfinite(loss):
         fail(f"{where}: diverged, the loss is {loss}. The last good checkpoint is kept in {folder}; try {hint}", 3)
@@ -813,6 +1044,13 @@ def exits_cleanly(run_dir):
         print(f"\nstopped by a signal; the checkpoint is saved. Resume with:\n"
               f"  python main.py --out {run_dir} --resume", file=sys.stderr)
         raise SystemExit(130)   # 128 + SIGINT, the shell's convention
+
+
+def exit_if_stopped():
+    """A signal that came while the report was written let it finish; now the run stops as it would elsewhere."""
+    if STOP.is_set():
+        print("stopped by a signal; the report was finished first, and the run is complete", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def install_signal_handlers():

@@ -7,22 +7,27 @@ posterior mean mu = encode(x)[0], not a sample z; train the paper's head on top 
     logits = ReLU(BN(W2 . tanh(BN(W1 . mu))))      W1: D -> 32,  W2: 32 -> K
     loss   = cross-entropy(logits, y),  Adam, learning rate 1e-4, ~40 epochs
 
-and report top-1 and top-5 accuracy on train and validation after every epoch, test once at the end.
-We keep the paper's head as it is, including its odd final ReLU: it clips every negative logit to 0,
-so a class can only win by a positive logit, and a class whose logit turns negative for every image
-gets no gradient again (a "dead" class: tests/test_probe.py shows one on five separable clusters).
-`dead_classes` counts them, and `make_head(..., final_relu=False)` is the same head without that ReLU.
-The encoder is frozen, so mu is computed once for every image and the head trains on the cached (N, D)
-tensor. Controls (ours): the same head on raw pixels and on an untrained encoder's mu, both standardized
-(the untrained mu spreads by ~1e-3, below BatchNorm's epsilon), and a ceiling, `Supervised`: the encoder
-up to mu and the head trained end to end on the labels. Raw pixels are standardized batch by batch
-(`Features`), since a float copy of Tiny ImageNet's would not fit a laptop. `latent_shift` and
-`invariance` measure what an augmentation does to mu and to the probe's answer; `draw_curves` plots the
-heads' per-epoch numbers (the paper's Figures 5-7). main.py owns the epoch loops (so it can checkpoint
-every epoch) and the autocast; this file never imports vae.py, it takes any model with an `encode` method.
+and report top-1 and top-5 accuracy on train and validation after every epoch, and on test once, after the
+head's last epoch (nothing is chosen on the test set). We keep the paper's head as it is, including its odd final
+ReLU: it clips every negative logit to 0, so a class can only win by a positive logit, and a class whose logit
+turns negative for every image gets no gradient again (a "dead" class: tests/test_probe.py shows one on five
+separable clusters). `dead_classes` counts them and `make_head(..., final_relu=False)` is the same head without
+that ReLU; main.py runs neither (on CIFAR-10 and Tiny ImageNet both changed nothing, README). The encoder is
+frozen, so mu is computed once for every image and the head trains on the cached (N, D) tensor. Controls (ours):
+the same head on raw pixels and on an untrained encoder's mu, both standardized with the train split's statistics
+(the untrained mu spreads by ~1e-3, below BatchNorm's epsilon), and a ceiling, `Supervised`: the encoder up to mu
+and the head trained end to end on the labels, one `supervised_step` at a time. Raw pixels are standardized
+batch by batch (`Features`), since a float copy of Tiny ImageNet's would not fit a laptop. `latent_shift` and
+`invariance` measure what an augmentation does to mu and to the probe's answer; `paired_gap` compares a
+VAE's probe with the baseline's seed by seed (a paired t-test); `draw_curves` plots the heads'
+per-epoch numbers (the paper's Figures 5-7). main.py drives the epochs (it checkpoints every one) and owns the
+autocast; this file never imports vae.py, it takes any model with an `encode` method.
 
 Axes: B batch, N images, D feature size, K classes.
 """
+import math
+import statistics
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +40,10 @@ EVAL_BATCH = 10_000     # rows per forward pass when scoring: one CIFAR-10 or Ti
 PIXEL_BLOCK = 1024      # pixel columns standardized at a time: a float copy of 1,024 columns, not of all
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]     # one per run in the learning curves (matplotlib's tab10 order)
+# Two-sided 5% critical values of Student's t for 1-30 degrees of freedom (any statistics table); beyond 30 the
+# value for 30 is used, which only makes the test a little stricter.
+T_CRITICAL = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+              2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 # -----------------------------------------------------------------------------
 # Frozen features
@@ -124,6 +133,19 @@ class Supervised(nn.Module):
         return self.head(mu)                             # (B, K)
 
 
+def supervised_step(network, optimizer, x_aug, y, autocast):
+    """One step of the ceiling: cross-entropy of the head on the encoder's mu, from an augmented batch.
+    -> float32 tensor [loss, top-1 %, top-5 %] (3,) on the device (the caller sums it)."""
+    with autocast:
+        logits = network(x_aug).float()                          # (B, K)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    hits = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]     # (B, 5)
+    return torch.stack([loss.detach(), 100 * hits[:, 0].float().mean(), 100 * hits.any(dim=1).float().mean()])
+
+
 def topk_accuracy(logits, y, k):
     """Percent of rows whose label is among the k largest logits. (N, K), (N,) -> float"""
     k = min(k, logits.shape[1])
@@ -156,23 +178,51 @@ def dead_classes(head, features):
 
 
 def train_epoch(head, optimizer, features, y, batch_size, generator):
-    """One pass over the cached features in a random order (the last incomplete batch is dropped)."""
+    """One pass over the cached features in a random order (the last incomplete batch is dropped).
+    -> the epoch's mean training loss (read once, at the end: it waits for the device)."""
     head.train()
     order = torch.randperm(len(y), generator=generator).to(y.device)            # (N,)
-    for idx in order[: len(y) // batch_size * batch_size].split(batch_size):  # (B,) each
+    batches = order[: len(y) // batch_size * batch_size].split(batch_size)     # (B,) each
+    total = torch.zeros((), device=y.device)
+    for idx in batches:
         loss = F.cross_entropy(head(features[idx]), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return loss.item()
+        total += loss.detach()
+    return total.item() / len(batches)
+
+# -----------------------------------------------------------------------------
+# Comparing a run with the baseline over seeds
+
+
+def paired_gap(records, aug):
+    """The gap in test top-1 between `aug` and the baseline, seed by seed (a seed's VAEs share weights and batch
+    order, so they are pairs): the mean and std of the differences, how many agree in sign, and a paired t-test,
+    t = mean / (std / sqrt(n)) against the two-sided 5% critical value for n - 1 degrees of freedom."""
+    top1 = {name: {r["seed"]: r["test_top1"] for r in records if r["name"] == name} for name in (aug, "none")}
+    differences = [top1[aug][seed] - top1["none"][seed] for seed in top1[aug] if seed in top1["none"]]
+    n = len(differences)
+    mean = statistics.mean(differences)
+    line = f"{aug} - none, paired by seed: {mean:+.1f} points of test top-1"
+    if n < 2:
+        return f"{line}, one seed: no test (--seeds 0,1,2 gives one)"
+    std = statistics.stdev(differences)
+    agree = sum(d * mean > 0 for d in differences)
+    t = mean / (std / math.sqrt(n)) if std > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    critical = T_CRITICAL[min(n - 1, len(T_CRITICAL)) - 1]
+    verdict = "a real difference at the 5% level" if abs(t) > critical else "not distinguishable from chance at 5%"
+    return (f"{line} (std {std:.1f}, {agree} of {n} seeds agree in sign); paired t = {t:.2f}, two-sided 5% critical "
+            f"value {critical} for {n - 1} df: {verdict}")
 
 # -----------------------------------------------------------------------------
 # Learning curves
 
 
-def draw_curves(path, histories):
-    """Per-epoch top-1, top-5 and loss of each run's head (train thin, validation thick) in three panels, as a PNG:
-    {run: [row, ...]} with rows as the training loops write them (epoch, train_top1, val_top1, ...)."""
+def draw_curves(histories):
+    """Per-epoch top-1, top-5 and loss of each run's head (train thin, validation thick) in three panels, as a
+    picture: {run: [row, ...]} with rows as the training loops write them (epoch, train_top1, val_top1, ...).
+    Colours repeat from the ninth run on; the legend names each run in its curve's colour. -> PIL.Image"""
     font, panel_w, panel_h, margin = ImageFont.load_default(), 360, 260, 48
     sheet = Image.new("RGB", (3 * panel_w, panel_h + 14 + 14 * ((len(histories) + 2) // 3)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -192,10 +242,11 @@ def draw_curves(path, histories):
             draw.text((x0 - 44, to_xy(1, value)[1] - 5), f"{value:.3g}", "black", font)
             draw.text((to_xy(epoch, low)[0] - 6, y1 + 4), f"{epoch}", "black", font)
         draw.text(((x0 + x1) // 2 - 14, y1 + 16), "epoch", "black", font)
-        for colour, h in zip(COLOURS, histories.values()):
+        for i, h in enumerate(histories.values()):
+            colour = COLOURS[i % len(COLOURS)]
             for split, width in (("train", 1), ("val", 3)):
                 draw.line([to_xy(r["epoch"], r[f"{split}_{metric}"]) for r in h], fill=colour, width=width)
     for i, name in enumerate(histories):                                   # legend, three names a row
         draw.text((margin + panel_w * (i % 3), panel_h + 12 + 14 * (i // 3)), f"{name}: thin train, thick val",
                   COLOURS[i % len(COLOURS)], font)
-    sheet.save(path)
+    return sheet

@@ -16,12 +16,18 @@ Follows Rajagopalan (2021), "Learned Data Augmentation", its model description: 
 What we chose: the likelihood is a Bernoulli over pixel intensities in [0, 1] (the decoder emits logits,
 x_hat = sigmoid(x_logits) is the reconstructed image); the decoder is an exact mirror of the encoder
 (five stride-2 transposed convolutions, the last one straight to 3 channels), rather than the common
-template's extra full-resolution layers. The last section measures a trained VAE: its held-out loss,
-how much of the latent it uses (KL per dimension) and how much of an augmentation it undoes. Called by
-main.py (stage 1 and its measurements); probe.py only uses `encode`.
+template's extra full-resolution layers. `train_step` is one step of stage 1: the paper's idea in six lines
+(`cuda_graphed` replays it as one CUDA graph on a GPU).
+The last section measures a trained VAE: its held-out loss, how much of the latent it uses (KL per
+dimension) and how much of an augmentation it undoes:
+    undone = (e_base(x_aug) - e(x_aug)) / (e_base(x_aug) - e_base(x)),  e = squared error against the clean x
+0 when the VAE reconstructs the augmented view no better than the baseline VAE (trained on clean images)
+does, 1 when as well as the baseline reconstructs the clean image: a VAE that ignores its input or blurs
+cannot score well. Called by main.py (stage 1 and its measurements); probe.py only uses `encode`.
 
 Axes: B batch, C channels, H/W height/width, D latent size.
 """
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -92,10 +98,25 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x_in):
         """Deterministic reconstruction in eval mode, no sampling: x_hat = sigmoid(decode(mu)) (B, 3, H, W) in [0, 1],
-        and mu, logvar (B, D), all float32 (an autocast around the call runs the layers in bf16)."""
+        and mu, logvar (B, D), all float32 (an autocast around the call runs the layers in bf16). The model is left
+        in the mode it was in."""
+        was_training = self.training
         self.eval()
         mu, logvar = self.encode(x_in)
-        return torch.sigmoid(self.decode(mu).float()), mu.float(), logvar.float()
+        x_hat = torch.sigmoid(self.decode(mu).float())
+        self.train(was_training)
+        return x_hat, mu.float(), logvar.float()
+
+    @torch.no_grad()
+    def sample(self, num_images, generator=None):
+        """Images from the prior: x_hat = sigmoid(decode(z)), z ~ N(0, I) drawn on the CPU generator (the same
+        draws on any device). -> (num_images, 3, H, W) float32 in [0, 1]; the model is left in its mode."""
+        was_training = self.training
+        self.eval()
+        z = torch.randn(num_images, self.latent_dim, generator=generator)              # (N, D)
+        x_hat = torch.sigmoid(self.decode(z.to(self.fc_decode.weight.device)).float())   # (N, 3, H, W)
+        self.train(was_training)
+        return x_hat
 
     def forward(self, x_aug):
         """(B, 3, H, W) augmented image -> (x_logits (B, 3, H, W), mu (B, D), logvar (B, D))."""
@@ -144,14 +165,68 @@ def elbo(x_logits, x, mu, logvar, beta=1.0):
     loss = -(recon - beta * kl).mean()                                              # scalar
     return ELBO(loss, recon, kl)
 
+
+def train_step(model, optimizer, x, x_aug, beta, autocast):
+    """One step of stage 1, the paper's idea: encode the augmented x_aug, score the reconstruction against the clean x.
+    autocast: the run's precision context (bf16 autocast or a no-op). -> float32 tensor [loss, recon, kl] (3,) on the
+    device, batch means (reading it would make the host wait for a GPU, so the caller sums it)."""
+    with autocast:
+        x_logits, mu, logvar = model(x_aug)                      # (B, 3, H, W), (B, D), (B, D)
+    parts = elbo(x_logits, x, mu, logvar, beta)                  # the target is the clean x
+    optimizer.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    optimizer.step()
+    return torch.stack([parts.loss.detach(), parts.recon.mean().detach(), parts.kl.mean().detach()])  # (3,)
+
+# -----------------------------------------------------------------------------
+# On a GPU: the same step replayed as one CUDA graph (main.py's --cuda-graph)
+
+
+class cuda_graphed:
+    """Wrap a training step (a function of tensors that returns a tensor) so that it is recorded once as a CUDA graph
+    and replayed: one launch for the whole forward, loss, backward and Adam step instead of hundreds. The first
+    WARMUP calls run eagerly on a side stream (the capture needs warm kernels and optimizer state), the next captures
+    into fixed buffers, every later call copies its inputs into them and replays: every call is one real step. Needs
+    Adam(capturable=True) and the run's device current. https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
+    WARMUP = 3
+
+    def __init__(self, step):
+        self.step = step
+        self.calls = 0
+        self.graph = None
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # expected here
+                out = self.step(*args)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return out
+        if self.graph is None:
+            self.args = [a.clone() if torch.is_tensor(a) else a for a in args]   # the buffers the graph reads
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(*self.args)
+        for buffer, a in zip(self.args, args):
+            if torch.is_tensor(a) and a is not buffer:
+                assert (a.shape, a.dtype) == (buffer.shape, buffer.dtype), f"the graph replays {buffer.shape} " \
+                    f"{buffer.dtype}, not {a.shape} {a.dtype}"
+                buffer.copy_(a)
+        self.graph.replay()
+        return self.out.clone()
+
 # -----------------------------------------------------------------------------
 # What a trained VAE does: its loss on held-out images, the latent it uses, the augmentation it undoes
 
 
 @torch.no_grad()
-def evaluate(model, x, x_aug, beta=1.0):
+def validate(model, x, x_aug, beta=1.0):
     """-ELBO with z = mu (no sampling) and per-pixel squared error of x_hat against the clean x, from x and from
-    x_aug, in eval mode: {"val_loss_clean", "mse_clean", "val_loss_aug", "mse_aug"}."""
+    x_aug, in eval mode (the model is left in its mode): {"val_loss_clean", "mse_clean", "val_loss_aug", "mse_aug"}."""
+    was_training = model.training
     model.eval()
     metrics = {}
     for kind, x_in in (("clean", x), ("aug", x_aug)):
@@ -159,6 +234,7 @@ def evaluate(model, x, x_aug, beta=1.0):
         x_logits = model.decode(mu)                                     # (N, 3, H, W)
         metrics[f"val_loss_{kind}"] = elbo(x_logits, x, mu, logvar, beta).loss.item()
         metrics[f"mse_{kind}"] = (torch.sigmoid(x_logits.float()) - x).pow(2).mean().item()
+    model.train(was_training)
     return metrics
 
 
@@ -169,9 +245,15 @@ def kl_summary(mu, logvar):
     return {"kl": kl.sum().item(), "informative_dims": int((kl > INFORMATIVE_NATS).sum())}
 
 
-def undone_share(x, x_aug, x_hat_from_aug, x_hat_from_clean):
-    """How much of an augmentation a VAE undoes: 1 - (e(x_hat_from_aug) - e(x_hat_from_clean)) / e(x_aug), e(.) the
-    mean squared error against the clean x. 0: the reconstruction keeps the augmentation; 1: as good as from x."""
+def undone_share(x, x_hat_from_aug, baseline_from_aug, baseline_from_clean):
+    """How much of an augmentation a VAE undoes, against the baseline VAE (trained on clean images) on the same x_aug:
+    (e_base(x_aug) - e(x_aug)) / (e_base(x_aug) - e_base(x)), e(.) the mean squared error of a reconstruction
+    against the clean x. 0: no better than the baseline from x_aug; 1: as good as the baseline from x (as if never
+    augmented). A VAE that ignores its input, or blurs, scores at or below a sharp baseline's 0. None when the
+    augmentation costs the baseline nothing (strength 0): there is nothing to undo."""
     def error(y):
-        return (y - x).pow(2).mean()
-    return (1 - (error(x_hat_from_aug) - error(x_hat_from_clean)) / error(x_aug)).item()
+        return (y - x).pow(2).mean().item()
+    damage = error(baseline_from_aug) - error(baseline_from_clean)      # what the augmentation costs the baseline
+    if damage <= 0:
+        return None
+    return (error(baseline_from_aug) - error(x_hat_from_aug)) / damage

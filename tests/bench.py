@@ -6,7 +6,7 @@
 
 Stage 1 baseline: the same VAE, a plain eager fp32 NCHW training step on a ready float batch. The project's step
 includes everything a real epoch does per batch: slicing a shuffled uint8 batch, converting it, augmenting it
-(crop), then main.train_step, in fp32 and in bf16 autocast (where the hardware has bf16), and replayed as a CUDA
+(crop), then vae.train_step, in fp32 and in bf16 autocast (where the hardware has bf16), and replayed as a CUDA
 graph (on CUDA). The variants take turns step by step, so a change of load on a shared machine hits all alike;
 the line ends with what `--precision auto` picks there, which should be the faster precision.
 Not collected by pytest (the file name does not start with test_).
@@ -49,11 +49,11 @@ def plain_step(image_size, batch_size, device):
 
 
 def project_step(image_size, batch_size, precision, device, graphed=False):
-    """What main.train_vae does per batch: slice a shuffled uint8 batch, convert and augment it, main.train_step."""
+    """What main.train_vae does per batch: slice a shuffled uint8 batch, convert and augment it, vae.train_step."""
     torch.manual_seed(0)
     model = vae.VAE(image_size=image_size).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=graphed)
-    train_step = main.cuda_graphed(main.train_step) if graphed else main.train_step
+    train_step = vae.cuda_graphed(vae.train_step) if graphed else vae.train_step
     x_all = torch.randint(0, 256, (4 * batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
     y_all = torch.zeros(len(x_all), dtype=torch.long, device=device)
     batch_rng, aug_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)

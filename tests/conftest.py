@@ -1,15 +1,21 @@
-"""Fixtures shared by test_data.py and test_download.py: tiny data sets written in the official formats.
+"""Fixtures shared by the tests: tiny data sets written in the official formats, and main.py's tiny reference run.
 
 The expected counts in data.py are the real formats' (50,000/10,000 and 100,000/10,000/200); each fixture
 monkeypatches them to its own tiny counts, so the loaders' count checks run for real on tiny data.
 """
+import json
 import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data
+import main
 
 WNIDS = ["n02000003", "n02000001", "n02000002"]  # deliberately not sorted: class k is line k of wnids.txt
 VAL_CLASSES = {"val_0.JPEG": 2, "val_1.JPEG": 0, "val_2.JPEG": 1}  # labels disagree with file order on purpose
@@ -67,3 +73,43 @@ def tinyimagenet_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "TINYIMAGENET_COUNTS", (6, 3))
     monkeypatch.setattr(data, "TINYIMAGENET_CLASSES", 3)
     return tmp_path / "tin"
+
+
+# ---------------------------------------------------------------- main.py end to end on the offline shapes set
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--dataset", "shapes", "--limit", "320", "--epochs", "2", "--probe-epochs", "3",
+        "--batch-size", "32", "--image-size", "32", "--latent-dim", "32", "--aug", "crop", "--device", "cpu"]
+METRICS = ("test_top1", "test_top5", "test_loss", "val_top1", "kl", "augmented_mse_from_aug", "undone",
+           "baseline_top1_on_aug", "augmented_latent_shift")
+
+
+def run_main(*args, **kwargs):
+    """main.py as a user runs it: a subprocess, returning (exit status, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+    return done.returncode, done.stdout, done.stderr
+
+
+def metrics(run_dir):
+    records = json.loads((Path(run_dir) / "results.json").read_text())["records"]
+    return {(r["seed"], r["name"]): {k: r.get(k) for k in METRICS} for r in records}
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """One uninterrupted tiny run, shared by every test that compares against it."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    status, stdout, stderr = run_main(*TINY, "--out", str(out))
+    assert status == 0, stderr
+    return out, stdout
+
+
+@pytest.fixture
+def restore_signals():
+    """main() installs SIGINT/SIGTERM handlers; give pytest its own back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    main.STOP.clear()

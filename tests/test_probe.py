@@ -126,6 +126,6 @@ def test_draw_curves_draws_each_run_in_its_colour(tmp_path):
     from PIL import Image
     rows = [{"epoch": e, **{f"{s}_{m}": float(e + (s == "val")) for s in ("train", "val")
                             for m in ("top1", "top5", "loss")}} for e in (1, 2, 3)]
-    probe.draw_curves(tmp_path / "curves.png", {"first": rows, "second": [dict(r, val_top1=0.0) for r in rows]})
+    probe.draw_curves({"first": rows, "second": [dict(r, val_top1=0.0) for r in rows]}).save(tmp_path / "curves.png")
     colours = {colour for _, colour in Image.open(tmp_path / "curves.png").convert("RGB").getcolors(1 << 16)}
     assert set(probe.COLOURS[:2]) <= colours and probe.COLOURS[2] not in colours   # two runs, two colours

@@ -1,4 +1,6 @@
 """vae.py: the ELBO's two terms against torch.distributions, gradients, shapes, and a batch it must overfit."""
+import contextlib
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
@@ -98,16 +100,25 @@ def test_overfits_one_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_reconstruct_is_sigmoid_of_decode_mu_in_eval_mode():
+def test_reconstruct_is_sigmoid_of_decode_mu_in_eval_mode_and_keeps_the_mode():
     torch.manual_seed(0)
     model, x = vae.VAE(latent_dim=8, image_size=32), torch.rand(4, 3, 32, 32)
     x_hat, mu, logvar = model.reconstruct(x)
-    assert not model.training and not x_hat.requires_grad
-    expected_mu, expected_logvar = model.encode(x)
+    assert model.training and not x_hat.requires_grad                        # left in the mode it was in
+    model.eval()
+    expected_mu, expected_logvar = model.encode(x)                          # BatchNorm's running statistics
     torch.testing.assert_close(mu, expected_mu)
     torch.testing.assert_close(logvar, expected_logvar)
     torch.testing.assert_close(x_hat, torch.sigmoid(model.decode(expected_mu)))
-    assert torch.equal(model.reconstruct(x)[0], x_hat)                         # no sampling: always the same
+    assert torch.equal(model.reconstruct(x)[0], x_hat) and not model.training   # no sampling; eval stays eval
+
+
+def test_samples_decode_the_prior_draw():
+    model = vae.VAE(latent_dim=8, image_size=32).eval()
+    samples = model.sample(5, torch.Generator().manual_seed(3))
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))       # the same draw, by hand
+    torch.testing.assert_close(samples, torch.sigmoid(model.decode(z)))
+    assert samples.shape == (5, 3, 32, 32) and not model.training
 
 
 def test_kl_summary_by_hand():
@@ -119,10 +130,43 @@ def test_kl_summary_by_hand():
     assert summary["kl"] == pytest.approx(0.5 + 0.04) and summary["informative_dims"] == 1   # 0.04 < 0.1 nat
 
 
-def test_undone_share_is_0_for_the_identity_and_1_for_the_clean_image():
+def test_undone_share_against_the_baseline():
     torch.manual_seed(0)
-    x, x_aug = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
-    assert vae.undone_share(x, x_aug, x_hat_from_aug=x_aug, x_hat_from_clean=x) == pytest.approx(0.0)
-    assert vae.undone_share(x, x_aug, x_hat_from_aug=x, x_hat_from_clean=x) == pytest.approx(1.0)
-    halfway = 0.5 * (x + x_aug)                       # half the distance: a quarter of the squared error left
-    assert vae.undone_share(x, x_aug, x_hat_from_aug=halfway, x_hat_from_clean=x) == pytest.approx(0.75)
+    x = torch.rand(64, 3, 8, 8)                                   # clean images
+    x_aug = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)           # a mild corruption
+    copy = {"aug": x_aug, "clean": x}                             # a baseline that copies its input, perfectly
+    def share(x_hat_from_aug):
+        return vae.undone_share(x, x_hat_from_aug, copy["aug"], copy["clean"])
+    assert share(x_aug) == pytest.approx(0.0)                     # copies the corruption: nothing undone
+    assert share(x) == pytest.approx(1.0)                         # a perfect un-doer
+    constant = x.mean(0, keepdim=True).expand_as(x)               # ignores its input: the best constant image
+    assert share(constant) < 0
+    blurred = torch.nn.functional.avg_pool2d(x_aug, 3, 1, 1)      # blurs what it is given
+    assert share(blurred) < 0
+    halfway = 0.5 * (x + x_aug)                                   # half the distance: a quarter of the error left
+    assert share(halfway) == pytest.approx(0.75)
+
+
+def test_undone_share_is_none_when_the_augmentation_costs_the_baseline_nothing():
+    x = torch.rand(4, 3, 8, 8)
+    x_hat = torch.rand(4, 3, 8, 8)
+    assert vae.undone_share(x, x_hat, baseline_from_aug=x_hat, baseline_from_clean=x_hat) is None   # strength 0
+
+
+def test_train_step_encodes_x_aug_and_scores_against_the_clean_x():
+    x, x_aug = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    torch.manual_seed(0)
+    model = vae.VAE(latent_dim=8, image_size=32)
+    expected_model = vae.VAE(latent_dim=8, image_size=32)
+    expected_model.load_state_dict(model.state_dict())
+    seen = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    torch.manual_seed(1)                                          # the same eps for the step and the oracle
+    loss, recon, kl = vae.train_step(model, torch.optim.Adam(model.parameters()), x, x_aug, 0.5,
+                                     contextlib.nullcontext()).tolist()
+    assert len(seen) == 1 and torch.equal(seen[0], x_aug)          # the encoder saw x_aug, not x
+    torch.manual_seed(1)
+    x_logits, mu, logvar = expected_model(x_aug)
+    parts = vae.elbo(x_logits, x, mu, logvar, beta=0.5)           # scored against the clean x
+    assert loss == pytest.approx(parts.loss.item(), rel=1e-6)
+    assert (recon, kl) == pytest.approx((parts.recon.mean().item(), parts.kl.mean().item()), rel=1e-6)
