@@ -22,6 +22,7 @@ import errno
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import pickle
 import shutil
@@ -292,13 +293,25 @@ LOADERS = {"cifar10": load_cifar10, "tinyimagenet": load_tinyimagenet, "shapes":
 
 # ---------------------------------------------------------------- splitting, resizing and batching
 def split_validation(x, y, val_fraction=0.1, limit=None, seed=0):
-    """One fixed permutation of x; keep its first `limit` images (if given); the last val_fraction of them validate.
-    Taking the limit from the permutation keeps every class in a small subset even when x is sorted by class."""
+    """One fixed permutation of x; its last val_fraction validate. With a limit, the permutation is first reordered so
+    that every class appears in it at its own rate (each image ranked by its place among its class, over the class's
+    size), and its first `limit` images are kept: a stratified subset, whose validation tail holds every class too.
+    A limit too small for that raises DataError."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))  # (N,)
     if limit:
-        order = order[:limit]  # (limit,)
+        labels = y[order]                                                    # (N,) in the permutation's order
+        by_class = labels.argsort(stable=True)                               # (N,) positions, class by class
+        counts = labels.bincount()                                           # (K,) images per class
+        starts = counts.cumsum(0) - counts                                   # (K,) where each class begins
+        rank = torch.empty(len(order))                                       # (N,) place among its own class
+        rank[by_class] = (torch.arange(len(order)) - starts[labels[by_class]]).float()
+        order = order[((rank + 0.5) / counts[labels]).argsort(stable=True)][:limit]   # (limit,) stratified
     num_train = len(order) - round(len(order) * val_fraction)
     train, val = order[:num_train], order[num_train:]
+    classes = y.unique()
+    if limit and not all(torch.isin(classes, y[split]).all() for split in (train, val)):
+        raise DataError(f"--limit {limit} is too small to keep each of the {len(classes)} classes in both the train "
+                        f"and the validation split ({val_fraction:.0%}); use at least {math.ceil(len(classes) / val_fraction)}")
     return x[train], y[train], x[val], y[val]
 
 

@@ -222,8 +222,6 @@ def load_data(args, device):
     x_train, y_train, x_val, y_val = data.split_validation(x_train, y_train, VAL_FRACTION, args.limit, SPLIT_SEED)
     if args.batch_size > len(x_train):
         fail(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
-    if len(x_val) == 0:
-        fail(f"--limit {args.limit} leaves no validation images (they are {VAL_FRACTION:.0%}); use at least 10")
     splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: (data.resize(x, args.image_size).to(device), y.to(device)) for k, (x, y) in splits.items()}
     num_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -259,13 +257,14 @@ def train_vae(name, seed, args, session):
     x_train, y_train = session.splits["train"]
     x_val = data.to_float(session.splits["val"][0][:MEASURE_IMAGES])         # (N, 3, H, W), scored every epoch
     x_val_aug = fixed_draw(name, x_val, args.strength)
-    ledger = session.ledger(seed, name, "vae", model, optimizer, [batch_rng, aug_rng], args.epochs)
+    ledger = session.ledger(seed, name, "vae", model, optimizer, [batch_rng, aug_rng], args.epochs,
+                            parts=("loss", "recon", "kl"))
     for epoch in ledger.epochs():
         # Train: the encoder sees the augmented x_aug, the loss scores the reconstruction against the clean x.
         model.train()
         for x_uint8, _ in data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng, skip=ledger.step):
             x, x_aug = augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)
-            ledger.add(step(model, optimizer, x, x_aug, args.beta, session.autocast))   # [loss, recon, kl]
+            ledger.add(step(model, optimizer, x, x_aug, args.beta, session.autocast))
         # Evaluate: the validation loss from clean and from augmented input, both scored against the clean x.
         loss, recon, kl = ledger.means()
         with session.autocast:
@@ -323,13 +322,14 @@ def train_supervised(seed, args, session):
     augment_fn = augment.by_name(SUPERVISED_AUG)
     x_train, y_train = session.splits["train"]
     images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in session.splits.items()}
-    ledger = session.ledger(seed, "supervised", "network", network, optimizer, [batch_rng, aug_rng], args.epochs)
+    ledger = session.ledger(seed, "supervised", "network", network, optimizer, [batch_rng, aug_rng], args.epochs,
+                            parts=("loss", "top-1 %", "top-5 %"))
     for epoch in ledger.epochs():
         # Train on augmented batches, like stage 1, but scored on the labels.
         network.train()
         for x_uint8, y in data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng, skip=ledger.step):
             _, x_aug = augmented_batch(x_uint8, augment_fn, args.strength, aug_rng)
-            ledger.add(probe.supervised_step(network, optimizer, x_aug, y, session.autocast))   # [loss, top-1, top-5]
+            ledger.add(probe.supervised_step(network, optimizer, x_aug, y, session.autocast))
         # Evaluate on the validation images.
         loss, top1, top5 = ledger.means()
         with session.autocast:
@@ -567,9 +567,9 @@ class Session(NamedTuple):
     num_classes: int
     plan: "Plan"
 
-    def ledger(self, seed, name, part, model, optimizer, generators, epochs):
+    def ledger(self, seed, name, part, model, optimizer, generators, epochs, parts=("loss",)):
         """The books of one training loop (see Ledger), continued from its checkpoint if there is one."""
-        return Ledger(self, (seed, name, part), model, optimizer, generators, epochs)
+        return Ledger(self, (seed, name, part), model, optimizer, generators, epochs, parts)
 
 
 def start_session(args, device, splits, num_classes):
@@ -752,10 +752,15 @@ class Ledger:
     generator orders the batches: a stop mid-epoch saves it as it was when the epoch began, so the resumed epoch
     draws the same order and skips the steps already taken."""
 
-    def __init__(self, session, key, model, optimizer, generators, epochs):
+    def __init__(self, session, key, model, optimizer, generators, epochs, parts):
         seed, name, part = key
-        self.session, self.key, self.epochs_total = session, key, epochs
-        self.model, self.optimizer, self.generators = model, optimizer, generators
+        self.session = session
+        self.key = key
+        self.epochs_total = epochs
+        self.parts = parts                      # what each step's tensor holds, for the progress lines
+        self.model = model
+        self.optimizer = optimizer
+        self.generators = generators
         self.path = session.folder / f"seed{seed}" / name / f"checkpoint-{part}.pt"
         self.title = {"vae": f"stage 1 [seed {seed}, {name}]", "network": f"control [seed {seed}, {name}]"}.get(
             part, f"stage 2 [seed {seed}, {name}, {part.removeprefix('probe-')}]")
@@ -783,9 +788,9 @@ class Ledger:
         self.step += 1
         self.session.plan.done(self.key)
         if self.session.plan.due() or STOP.is_set():         # reading the sums waits for the device: only now and then
-            loss, *others = self.means()
+            means = ", ".join(f"{name} {value:.1f}" for name, value in zip(self.parts, self.means()))
             self.session.plan.print(f"{self.title} epoch {self.epoch + 1}/{self.epochs_total} step {self.step}/"
-                                    f"{self.steps} loss {loss:.1f} (" + ", ".join(f"{v:.1f}" for v in others) + ")")
+                                    f"{self.steps} {means}")
         if STOP.is_set():
             self.seconds += time.perf_counter() - self.t_start
             self.generators[0].set_state(self.order_state)     # the resumed epoch draws this order again

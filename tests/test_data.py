@@ -230,16 +230,30 @@ def test_shapes_deterministic_balanced_and_coloured_by_label():
 
 # ---------------------------------------------------------------- splitting, resizing, batching
 
-def test_split_validation_sizes_disjoint_deterministic_and_limited():
+def test_split_validation_sizes_disjoint_deterministic():
     x, y = torch.arange(100).view(100, 1, 1, 1), torch.arange(100) // 10  # class-sorted, like Tiny ImageNet
     x_train, y_train, x_val, y_val = data.split_validation(x, y, val_fraction=0.2)
     assert len(x_train) == 80 and len(x_val) == 20
     assert set(x_train.flatten().tolist()).isdisjoint(x_val.flatten().tolist())
     assert torch.equal(y_train, x_train.flatten() // 10)  # images and labels stay paired
     assert torch.equal(data.split_validation(x, y, val_fraction=0.2)[0], x_train)
-    small = data.split_validation(x, y, val_fraction=0.2, limit=30)
-    assert len(small[0]) == 24 and len(small[2]) == 6 and len(set(small[1].tolist())) > 3  # not one class
-    assert torch.equal(small[0].flatten(), x_train.flatten()[:24])  # the first 24 of the same permutation
+
+
+@pytest.mark.parametrize("limit", [50, 73, 100])
+def test_a_limit_keeps_every_class_in_both_splits(limit):
+    x, y = torch.arange(300).view(300, 1, 1, 1), torch.arange(300) // 30   # 10 classes, sorted by class
+    x_train, y_train, x_val, y_val = data.split_validation(x, y, val_fraction=0.2, limit=limit)
+    assert len(x_train) + len(x_val) == limit and len(x_val) == round(0.2 * limit)
+    assert set(y_train.tolist()) == set(y_val.tolist()) == set(range(10))      # stratified: no class left out
+    assert y_train.bincount().max() - y_train.bincount().min() <= 1           # each class its share
+    assert set(x_train.flatten().tolist()).isdisjoint(x_val.flatten().tolist())
+    assert torch.equal(y_train, x_train.flatten() // 30)
+
+
+def test_a_limit_too_small_for_every_class_is_refused():
+    x, y = torch.arange(300).view(300, 1, 1, 1), torch.arange(300) // 30
+    with pytest.raises(data.DataError, match="--limit 40 is too small to keep each of the 10 classes.*at least 50"):
+        data.split_validation(x, y, val_fraction=0.2, limit=40)
 
 
 def test_resize_identity_upsampling_and_antialias():
