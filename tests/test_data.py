@@ -303,9 +303,12 @@ def test_to_float_maps_0_255_to_0_1():
     assert torch.equal(data.to_float(x), torch.tensor([0.0, 0.2, 1.0]).view(1, 3, 1, 1))
 
 
-def test_loaders_name_the_three_sets():
-    assert data.LOADERS == {"cifar10": data.load_cifar10, "tinyimagenet": data.load_tinyimagenet,
-                            "shapes": data.load_shapes}
+def test_every_loader_returns_uint8_images_and_int64_labels(cifar_dir, tinyimagenet_dir):
+    for name, folder, size in (("cifar10", cifar_dir, 32), ("tinyimagenet", tinyimagenet_dir, 64), ("shapes", None, 32)):
+        x_train, y_train, x_test, y_test = data.LOADERS[name](folder)
+        assert x_train.dtype == x_test.dtype == torch.uint8, name
+        assert x_train.shape[1:] == x_test.shape[1:] == (3, size, size), name
+        assert y_train.dtype == y_test.dtype == torch.int64 and (len(y_train), len(y_test)) == (len(x_train), len(x_test))
 
 
 def test_save_grid_places_every_image_enlarged_beside_its_title(tmp_path):

@@ -332,3 +332,128 @@ def test_a_stage1_step_never_makes_the_host_wait_for_the_gpu():
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+# The method itself: what a reviewer breaks first. Each test below fails when one line of the method changes.
+
+
+def test_every_run_of_a_seed_starts_alike_and_sees_the_same_batches(tmp_path, monkeypatch, restore_signals):
+    """The controlled comparison: every VAE of a seed and the ceiling's encoder start from the same weights and the
+    same global stream (eps), and draw the same batch order and augmentation stream; every head of the same width
+    starts alike; the untrained control encodes with the VAEs' initial weights."""
+    starts, encoders = {}, []
+    ledger_init, frozen_mu = main.Ledger.__init__, main.frozen_mu
+
+    def recording_ledger(self, session, key, model, *rest):
+        ledger_init(self, session, key, model, *rest)
+        network = model.encoder if key[2] == "network" else model
+        starts[key] = {"weights": {k: v.clone() for k, v in network.state_dict().items()},
+                       "head": {k: v.clone() for k, v in model.head.state_dict().items()} if key[2] == "network" else None,
+                       "generators": [g.get_state() for g in self.generators], "eps": torch.get_rng_state()}
+
+    def recording_mu(model, args, session):
+        encoders.append({k: v.clone() for k, v in model.state_dict().items()})
+        return frozen_mu(model, args, session)
+    monkeypatch.setattr(main.Ledger, "__init__", recording_ledger)
+    monkeypatch.setattr(main, "frozen_mu", recording_mu)
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--aug", "crop,rotate", "--out", str(tmp_path / "run")])
+    vaes = [starts[(0, name, "vae")] for name in ("none", "crop", "rotate")]
+    ceiling = starts[(0, "supervised", "network")]
+    for other in vaes[1:] + [ceiling]:
+        assert all(torch.equal(vaes[0]["weights"][k], other["weights"][k]) for k in vaes[0]["weights"])
+        assert all(torch.equal(a, b) for a, b in zip(vaes[0]["generators"], other["generators"]))
+    assert all(torch.equal(vaes[0]["eps"], other["eps"]) for other in vaes[1:])
+    assert all(torch.equal(vaes[0]["weights"][k], encoders[-1][k]) for k in encoders[-1])   # the untrained control
+    heads = [starts[(0, name, "probe-mu")]["weights"] for name in ("none", "crop", "rotate")]
+    heads += [starts[(0, "random-encoder", "probe-standardized")]["weights"], ceiling["head"]]
+    assert all(torch.equal(heads[0][k], head[k]) for head in heads[1:] for k in heads[0])
+
+
+def test_the_probe_reads_mu_of_the_frozen_encoder(tmp_path, monkeypatch, restore_signals):
+    seen = {}
+    train_probe, frozen_mu = main.train_probe, main.frozen_mu
+
+    def recording_mu(model, args, session):
+        features = frozen_mu(model, args, session)
+        seen.setdefault("mu", (model, session, features))
+        return features
+
+    def recording_probe(name, features_name, features, *rest):
+        seen.setdefault("probe", (name, features_name, features))
+        return train_probe(name, features_name, features, *rest)
+    monkeypatch.setattr(main, "frozen_mu", recording_mu)
+    monkeypatch.setattr(main, "train_probe", recording_probe)
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--aug", "none", "--out", str(tmp_path / "run")])
+    model, session, features = seen["mu"]
+    assert seen["probe"][:2] == ("none", "mu") and seen["probe"][2] is features      # the head reads exactly these
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = data.to_float(session.splits["train"][0][:40])
+    torch.testing.assert_close(features["train"][:40], model.encode(x)[0], rtol=1e-4, atol=1e-5)   # mu in eval mode
+
+
+class FakeVAE:
+    """reconstruct(x_in) -> (x_hat, mu, logvar) with x_hat = weight * x_in + (1 - weight) * clean: weight 1 copies
+    its input, 0.5 undoes half of any change; mu is the first 4 pixels."""
+    def __init__(self, clean, weight):
+        self.clean, self.weight = clean, weight
+
+    def reconstruct(self, x_in):
+        mu = x_in.flatten(1)[:, :4]
+        return self.weight * x_in + (1 - self.weight) * self.clean, mu, torch.zeros_like(mu)
+
+
+def test_measure_augmentation_on_a_hand_made_case():
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    x_aug = main.fixed_draw("brightness-contrast", x, 1.0)
+    vaes = {"none": FakeVAE(x, 1.0), "brightness-contrast": FakeVAE(x, 0.5)}
+    heads = {name: probe.make_head(4, 3) for name in vaes}
+    row = main.measure_augmentation("brightness-contrast", vaes, heads, x, y, 1.0, contextlib.nullcontext())
+    error = (x_aug - x).pow(2).mean().item()
+    assert row["mse_augmented_input"] == pytest.approx(error)
+    assert row["baseline_mse_from_aug"] == pytest.approx(error) and row["baseline_mse_from_clean"] == 0
+    assert row["augmented_mse_from_aug"] == pytest.approx(error / 4)          # half the change left: a quarter
+    assert row["undone"] == pytest.approx(0.75)
+    assert row["augmented_latent_shift"] == pytest.approx(row["baseline_latent_shift"])   # mu read from x_aug
+
+
+def test_the_forecast_counts_exactly_the_loops_a_run_trains(reference_run):
+    out = reference_run[0]
+    args = main.parse_args([*TINY, "--out", str(out)])
+    jobs = main.planned_jobs(args, {"train": 288, "val": 32, "test": 1000})
+    written = {(int(p.parent.parent.name.removeprefix("seed")), p.parent.name, p.stem.removeprefix("checkpoint-"))
+               for p in out.glob("seed*/*/checkpoint-*.pt")}
+    assert set(jobs) == written
+    for (seed, name, part), job in jobs.items():
+        state = torch.load(out / f"seed{seed}" / name / f"checkpoint-{part}.pt", weights_only=True)["loop"]
+        assert (state["epoch"], state["step"]) == (job.epochs, 0)
+
+
+def test_the_eta_follows_each_kind_of_work():
+    jobs = {(0, "none", "vae"): main.Job("vae step", 2, 10), (0, "none", "probe-mu"): main.Job("probe epoch, 8", 3, 1)}
+    plan = main.Plan(jobs, {"vae step": 0.1, "probe epoch, 8": 2.0}, log_every=100)
+    assert plan.start((0, "none", "vae"), 1, 4) == 10                         # resumed: 1 epoch and 4 steps done
+    assert plan.eta_seconds() == pytest.approx(6 * 0.1 + 3 * 2.0)
+    plan.done((0, "none", "vae"))
+    plan.epoch_done((0, "none", "vae"), 1.5, 5)                               # that epoch took 0.3 s a step
+    assert plan.eta_seconds() == pytest.approx(5 * 0.3 + 3 * 2.0)
+    with pytest.raises(AssertionError, match="planned_jobs does not count it"):
+        plan.start((0, "pixels", "probe-standardized"), 0, 0)
+
+
+def test_results_name_the_code_that_wrote_them(reference_run):
+    out = reference_run[0]
+    code = json.loads((out / "results.json").read_text())["code"]
+    assert len(code["files_sha256"]) == 12 and code["files_sha256"] in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("differences, verdict", [
+    ([1.0, 2.0, 3.0], "t = 3.46, two-sided 5% critical value 4.303 for 2 df: not distinguishable from chance"),
+    ([2.0, 2.1, 1.9], "t = 34.64, two-sided 5% critical value 4.303 for 2 df: a real difference"),
+    ([-1.0, 0.5, -2.0, -1.5], "3 of 4 seeds agree in sign"),
+    ([1.5], "one seed: no test"),
+])
+def test_the_gap_line_is_a_paired_t_test(differences, verdict):
+    records = [{"seed": s, "name": "none", "test_top1": 40.0 + s} for s in range(len(differences))]
+    records += [{"seed": s, "name": "crop", "test_top1": 40.0 + s + d} for s, d in enumerate(differences)]
+    assert verdict in probe.paired_gap(records, "crop")
