@@ -480,6 +480,10 @@ def write_atomically(dest, write, keep_existing=False):
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is private (0600); other users of the folder read it too
         if not (keep_existing and dest.exists()):
             os.replace(temporary, dest)
+            if os.name == "posix":  # the new name reaches the disk with its folder: fsync the folder too
+                folder = os.open(dest.parent, os.O_RDONLY)
+                os.fsync(folder)
+                os.close(folder)
     finally:
         Path(temporary).unlink(missing_ok=True)  # already gone after the rename
 

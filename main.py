@@ -862,7 +862,8 @@ class Plan:
     def __init__(self, jobs, unit_seconds, log_every):
         self.jobs = jobs
         self.left = {key: job.epochs * job.units_per_epoch for key, job in jobs.items()}
-        self.unit_seconds = unit_seconds
+        self.unit_seconds = unit_seconds      # kind -> seconds per unit: the trials' first, then measured
+        self.measured = {}                    # kind -> (seconds, units) of the loops so far
         self.log_every = log_every
         self.last_line = time.perf_counter()
 
@@ -877,13 +878,16 @@ class Plan:
         self.left[key] -= 1
 
     def epoch_done(self, key, seconds, steps):
-        """An epoch of `key` took `seconds` (its `steps` steps, if it counts steps): that is what its kind costs now."""
+        """An epoch of `key` took `seconds` (its `steps` steps, if it counts steps): from now on a unit of its kind
+        costs what every unit of that kind measured so far took on average (one slow epoch does not swing the ETA)."""
         job = self.jobs[key]
+        units = 1 if job.units_per_epoch == 1 else steps
         if job.units_per_epoch == 1:
             self.left[key] -= 1
-            self.unit_seconds[job.kind] = seconds
-        elif steps:
-            self.unit_seconds[job.kind] = seconds / steps
+        total_seconds, total_units = self.measured.get(job.kind, (0.0, 0))
+        self.measured[job.kind] = (total_seconds + seconds, total_units + units)
+        if total_units + units:
+            self.unit_seconds[job.kind] = (total_seconds + seconds) / (total_units + units)
 
     def eta_seconds(self):
         return sum(left * self.unit_seconds[self.jobs[key].kind] for key, left in self.left.items())
@@ -938,7 +942,7 @@ def time_trials(session, args):
     return seconds
 
 
-def timed(device, work, repeats=3, warmup=1):
+def timed(device, work, repeats=5, warmup=2):
     """Seconds one call of work() takes, the mean of `repeats` calls after `warmup` (the GPU waited for)."""
     for _ in range(warmup):
         work()
@@ -1078,7 +1082,8 @@ def tune_allocator():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:                                     # musl or another libc: nothing to tune
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3         # from glibc's malloc.h
+    M_TRIM_THRESHOLD = -1                               # from glibc's malloc.h
+    M_MMAP_THRESHOLD = -3
     libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)            # the largest glibc accepts on 64-bit systems
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 

@@ -10,10 +10,11 @@ posterior mean mu = encode(x)[0], not a sample z; train the paper's head on top 
 and report top-1 and top-5 accuracy on train and validation after every epoch, and on test once, after the
 head's last epoch (nothing is chosen on the test set). We keep the paper's head as it is, including its odd final
 ReLU: it clips every negative logit to 0, so a class can only win by a positive logit, and a class whose logit
-turns negative for every image gets no gradient again (a "dead" class: tests/test_probe.py shows one on five
-separable clusters). `dead_classes` counts them and `make_head(..., final_relu=False)` is the same head without
-that ReLU; main.py runs neither (on CIFAR-10 and Tiny ImageNet both changed nothing, README). The encoder is
-frozen, so mu is computed once for every image and the head trains on the cached (N, D) tensor. Controls (ours):
+turns negative for every image gets no gradient again (a "dead" class; tests/test_probe.py shows, on five
+separable clusters, a class whose logit is clipped to 0 on every one of its own images). `dead_classes` counts
+them and `make_head(..., final_relu=False)` is the same head without that ReLU; main.py runs neither (on CIFAR-10
+and Tiny ImageNet both changed nothing, README). The encoder is frozen, so mu is computed once for every image
+and the head trains on the cached (N, D) tensor. Controls (ours):
 the same head on raw pixels and on an untrained encoder's mu, both standardized with the train split's statistics
 (the untrained mu spreads by ~1e-3, below BatchNorm's epsilon), and a ceiling, `Supervised`: the encoder up to mu
 and the head trained end to end on the labels, one `supervised_step` at a time. Raw pixels are standardized

@@ -437,6 +437,8 @@ def test_the_eta_follows_each_kind_of_work():
     plan.done((0, "none", "vae"))
     plan.epoch_done((0, "none", "vae"), 1.5, 5)                               # that epoch took 0.3 s a step
     assert plan.eta_seconds() == pytest.approx(5 * 0.3 + 3 * 2.0)
+    plan.epoch_done((0, "none", "vae"), 0.5, 5)                               # then 0.1 s: on average 0.2
+    assert plan.eta_seconds() == pytest.approx(5 * 0.2 + 3 * 2.0)
     with pytest.raises(AssertionError, match="planned_jobs does not count it"):
         plan.start((0, "pixels", "probe-standardized"), 0, 0)
 

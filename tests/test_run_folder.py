@@ -74,6 +74,18 @@ def test_a_checkpoint_that_would_run_code_is_refused(reference_run, tmp_path, ca
     assert not marker.exists()
 
 
+def test_a_checkpoint_of_an_older_main_py_is_refused_in_one_line(reference_run, tmp_path, capsys, restore_signals):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    path = out / "seed0" / "crop" / "checkpoint-vae.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["format"]                                                       # as the code before the Ledger wrote it
+    torch.save(saved, path)
+    with pytest.raises(SystemExit) as e:
+        main.main(["--out", str(out), "--resume", "--device", "cpu"])
+    assert e.value.code == 2 and "written by another version of main.py" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["missing", "not json", "a list", "an old version"])
 def test_args_json_missing_or_damaged_beside_checkpoints(damage, reference_run, tmp_path, capsys, restore_signals):
     out = tmp_path / "run"
@@ -126,7 +138,8 @@ def test_write_file_reaches_the_disk_before_the_rename_and_leaves_no_temporary(t
     monkeypatch.setattr(main.data.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
     main.write_file(tmp_path / "results.md", b"first")
     main.write_file(tmp_path / "results.md", b"second")
-    assert calls[:2] == ["fsync", "replace"] and (tmp_path / "results.md").read_bytes() == b"second"
+    assert calls[:3] == ["fsync", "replace", "fsync"]                          # the file, the rename, its folder
+    assert (tmp_path / "results.md").read_bytes() == b"second"
     assert os.listdir(tmp_path) == ["results.md"]                             # unique temporaries, all renamed
 
 

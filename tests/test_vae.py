@@ -145,6 +145,9 @@ def test_undone_share_against_the_baseline():
     assert share(blurred) < 0
     halfway = 0.5 * (x + x_aug)                                   # half the distance: a quarter of the error left
     assert share(halfway) == pytest.approx(0.75)
+    off = {"aug": x_aug + 0.05, "clean": x + 0.05}                # a baseline that is off by 0.05 on every pixel
+    assert vae.undone_share(x, off["aug"], off["aug"], off["clean"]) == pytest.approx(0.0, abs=1e-6)   # the same
+    assert vae.undone_share(x, off["clean"], off["aug"], off["clean"]) == pytest.approx(1.0)          # its best
 
 
 def test_undone_share_is_none_when_the_augmentation_costs_the_baseline_nothing():
