@@ -579,6 +579,7 @@ def start_session(args, device, splits, num_classes):
     jobs = planned_jobs(args, {split: len(y) for split, (_, y) in splits.items()})
     session = Session(Path(args.out), device, autocast, graphed, splits, num_classes, None)
     plan = Plan(jobs, time_trials(session, args), args.log_every)
+    plan.found_done(session.folder)
     plan.forecast(slow=args.image_size > 32 or args.epochs > 10)
     return session._replace(plan=plan)
 
@@ -868,11 +869,22 @@ class Plan:
         self.last_line = time.perf_counter()
 
     def start(self, key, epoch, step):
-        """A loop begins, having found `epoch` epochs and `step` steps done. -> its units per epoch"""
+        """A loop begins (or is found in a checkpoint) with `epoch` epochs and `step` steps done. -> units per epoch"""
         assert key in self.jobs, f"{key} runs, but planned_jobs does not count it: the forecast would miss it"
         job = self.jobs[key]
-        self.left[key] -= epoch * job.units_per_epoch + step
+        self.left[key] = (job.epochs - epoch) * job.units_per_epoch - step
         return job.units_per_epoch
+
+    def found_done(self, folder):
+        """Count what the checkpoints in a continued run's folder say is done, before the first forecast."""
+        for key in self.jobs:
+            seed, name, part = key
+            path = folder / f"seed{seed}" / name / f"checkpoint-{part}.pt"
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["loop"]
+                self.start(key, state["epoch"], state["step"])
+            except Exception:       # none yet, or one the Ledger will report in its own words
+                pass
 
     def done(self, key):
         self.left[key] -= 1

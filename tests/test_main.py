@@ -106,6 +106,7 @@ def test_the_same_command_again_skips_what_is_finished(reference_run, tmp_path):
     status, stdout, stderr = run_main(*TINY, "--out", str(out))
     assert status == 0, stderr
     assert "stage 1 [" not in stdout and "stage 2 [" not in stdout and "control [" not in stdout  # nothing trained
+    assert "the whole command needs about 0.0 min more" in stdout                                # and none forecast
     assert metrics(out) == metrics(reference_run[0])
 
 

@@ -47,7 +47,7 @@ def test_the_ceiling_resumes_to_the_step(reference_run, tmp_path):
     status, _ = interrupt_at([*TINY, "--out", str(out)], "control [seed 0, supervised] epoch 2/2 step 3/")
     assert status == 130
     saved = torch.load(out / "seed0" / "supervised" / "checkpoint-network.pt", weights_only=True)["loop"]
-    assert (saved["epoch"], saved["step"]) == (1, 3)                          # mid-epoch, not redone from its start
+    assert saved["epoch"] == 1 and 3 <= saved["step"] < 9                      # mid-epoch (9 steps), not redone
     status, stdout, stderr = run_main("--out", str(out), "--resume", "--device", "cpu")
     assert status == 0, stderr
     assert "control [seed 0, supervised] epoch 1/2" not in stdout
