@@ -19,8 +19,9 @@ the same head on raw pixels and on an untrained encoder's mu, both standardized 
 (the untrained mu spreads by ~1e-3, below BatchNorm's epsilon), and a ceiling, `Supervised`: the encoder up to mu
 and the head trained end to end on the labels, one `supervised_step` at a time. Raw pixels are standardized
 batch by batch (`Features`), since a float copy of Tiny ImageNet's would not fit a laptop. `latent_shift` and
-`invariance` measure what an augmentation does to mu and to the probe's answer; `paired_gap` compares a
-VAE's probe with the baseline's seed by seed (a paired t-test); `draw_curves` plots the heads'
+`invariance` measure what an augmentation does to mu and to the probe's answer; `markdown_table` shows every
+run's numbers as mean +- std over seeds and `paired_gap` compares a VAE's probe with the baseline's seed by seed
+(a paired t-test); `draw_curves` plots the heads'
 per-epoch numbers (the paper's Figures 5-7). main.py drives the epochs (it checkpoints every one) and owns the
 autocast; this file never imports vae.py, it takes any model with an `encode` method.
 
@@ -194,7 +195,26 @@ def train_epoch(head, optimizer, features, y, batch_size, generator):
     return total.item() / len(batches)
 
 # -----------------------------------------------------------------------------
-# Comparing a run with the baseline over seeds
+# Comparing runs over seeds: tables of mean +- std, and a run against the baseline seed by seed
+
+
+def mean_std(values):
+    """'41.5 +- 0.31' over seeds, three significant digits (the value alone for one seed; '' for none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    spread = f" +- {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3g}{spread}"
+
+
+def markdown_table(records, names, columns):
+    """One row per name, one cell per (title, key): mean +- std over the records (seeds) of that name."""
+    lines = ["| run | n | " + " | ".join(title for title, _ in columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for name in names:
+        rows = [r for r in records if r["name"] == name]
+        cells = [mean_std([r.get(key) for r in rows]) for _, key in columns]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def paired_gap(records, aug):

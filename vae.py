@@ -16,17 +16,21 @@ Follows Rajagopalan (2021), "Learned Data Augmentation", its model description: 
 What we chose: the likelihood is a Bernoulli over pixel intensities in [0, 1] (the decoder emits logits,
 x_hat = sigmoid(x_logits) is the reconstructed image); the decoder is an exact mirror of the encoder
 (five stride-2 transposed convolutions, the last one straight to 3 channels), rather than the common
-template's extra full-resolution layers. `train_step` is one step of stage 1: the paper's idea in six lines
-(`cuda_graphed` replays it as one CUDA graph on a GPU).
-The last section measures a trained VAE: its held-out loss, how much of the latent it uses (KL per
-dimension) and how much of an augmentation it undoes:
+template's extra full-resolution layers. `train_step` is one step of stage 1: the paper's idea in six lines.
+Then what a trained VAE does: its held-out loss, how much of the latent it uses (KL per dimension) and how much
+of an augmentation it undoes:
     undone = (e_base(x_aug) - e(x_aug)) / (e_base(x_aug) - e_base(x)),  e = squared error against the clean x
 0 when the VAE reconstructs the augmented view no better than the baseline VAE (trained on clean images)
 does, 1 when as well as the baseline reconstructs the clean image: a VAE that ignores its input or blurs
-cannot score well. Called by main.py (stage 1 and its measurements); probe.py only uses `encode`.
+cannot score well. Last, running it, which changes no result: the device, the precision that suits it
+(`pick_precision`) and, on a GPU, `train_step` replayed as one CUDA graph (`cuda_graphed`).
+Called by main.py (stage 1, its measurements, its device settings); probe.py only uses `encode`.
 
 Axes: B batch, C channels, H/W height/width, D latent size.
 """
+import contextlib
+import ctypes
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -179,46 +183,6 @@ def train_step(model, optimizer, x, x_aug, beta, autocast):
     return torch.stack([parts.loss.detach(), parts.recon.mean().detach(), parts.kl.mean().detach()])  # (3,)
 
 # -----------------------------------------------------------------------------
-# On a GPU: the same step replayed as one CUDA graph (main.py's --cuda-graph)
-
-
-class cuda_graphed:
-    """Wrap a training step (a function of tensors that returns a tensor) so that it is recorded once as a CUDA graph
-    and replayed: one launch for the whole forward, loss, backward and Adam step instead of hundreds. The first
-    WARMUP calls run eagerly on a side stream (the capture needs warm kernels and optimizer state), the next captures
-    into fixed buffers, every later call copies its inputs into them and replays: every call is one real step. Needs
-    Adam(capturable=True) and the run's device current. https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
-    WARMUP = 3
-
-    def __init__(self, step):
-        self.step = step
-        self.calls = 0
-        self.graph = None
-        self.side_stream = torch.cuda.Stream()
-
-    def __call__(self, *args):
-        self.calls += 1
-        if self.calls <= self.WARMUP:
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # expected here
-                out = self.step(*args)
-            torch.cuda.current_stream().wait_stream(self.side_stream)
-            return out
-        if self.graph is None:
-            self.args = [a.clone() if torch.is_tensor(a) else a for a in args]   # the buffers the graph reads
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.step(*self.args)
-        for buffer, a in zip(self.args, args):
-            if torch.is_tensor(a) and a is not buffer:
-                assert (a.shape, a.dtype) == (buffer.shape, buffer.dtype), f"the graph replays {buffer.shape} " \
-                    f"{buffer.dtype}, not {a.shape} {a.dtype}"
-                buffer.copy_(a)
-        self.graph.replay()
-        return self.out.clone()
-
-# -----------------------------------------------------------------------------
 # What a trained VAE does: its loss on held-out images, the latent it uses, the augmentation it undoes
 
 
@@ -257,3 +221,134 @@ def undone_share(x, x_hat_from_aug, baseline_from_aug, baseline_from_clean):
     if damage <= 0:
         return None
     return (error(baseline_from_aug) - error(x_hat_from_aug)) / damage
+
+def reconstruction_rows(vaes, x, x_augs, sample_seed, num_images=8):
+    """The paper's Figures 1-4 on one sheet, as rows and titles for data.save_grid: the clean x and the baseline's
+    x_hat from it (if trained); per augmentation its x_aug (x_augs: {name: (N, 3, H, W)}) and the baseline's and the
+    augmented VAE's x_hat from it; last, each VAE's samples from the prior, every VAE decoding the same z."""
+    rows = [x[:num_images]]
+    titles = ["clean x"]
+    if "none" in vaes:
+        rows.append(vaes["none"].reconstruct(x[:num_images])[0])
+        titles.append("VAE 'none'\nfrom x")
+    for aug, x_aug in x_augs.items():
+        shown = [name for name in ("none", aug) if name in vaes]            # the baseline (if trained), then aug
+        rows += [x_aug[:num_images]] + [vaes[name].reconstruct(x_aug[:num_images])[0] for name in shown]
+        titles += [f"x_aug\n({aug})"] + [f"VAE '{name}'\nfrom x_aug" for name in shown]
+    for name, model in vaes.items():                                        # the same z for every VAE
+        rows.append(model.sample(num_images, torch.Generator().manual_seed(sample_seed)))
+        titles.append(f"VAE '{name}'\nprior samples")
+    return rows, titles
+
+# -----------------------------------------------------------------------------
+# Running it: the device, the precision that suits it, and on a GPU the step replayed as one CUDA graph
+
+
+def pick_device(name):
+    """'auto' -> CUDA when present, else CPU; a device that is absent is a ValueError that says why. A GPU is made the
+    current device before anything is made on it, so that streams and graphs land on it."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name} was asked for, but this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                 f"so no CUDA device {device.index}; use --device cpu")
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True   # shapes never change: let cuDNN time and pick its kernels once
+    return device
+
+
+def tune_allocator():
+    """Keep glibc from handing big activation buffers back to the OS after every step, so that the next step need not
+    page-fault them in again (Linux with glibc; elsewhere there is nothing to do). At 64x64 stage 1 ran 1.07x as fast
+    with it on a 2-core CPU (README, Speed)."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                                     # musl or another libc
+        return
+    M_TRIM_THRESHOLD = -1                               # from glibc's malloc.h
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)            # the largest glibc accepts on 64-bit systems
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pick_precision(choice, device, image_size):
+    """'fp32' or 'bf16' (autocast), and why. 'auto' follows rules measured with tests/bench.py (README, Speed),
+    never a timed trial, so one command always picks the same."""
+    if choice != "auto":
+        return choice, "set by --precision, or kept from the run's start"
+    if device.type == "cuda":
+        return "fp32", "at batch 128 this network is launch-bound on a GPU, and bf16 autocast only adds cast kernels"
+    native = cpu_has_native_bf16()
+    if not native:
+        return "fp32", ("this PyTorch cannot tell whether the CPU has bf16 instructions" if native is None else
+                        "this CPU has no bf16 instructions (AVX512-BF16 or AMX)") + ", where bf16 is emulated, slower"
+    if image_size < 64:
+        return "fp32", "below 64x64 bf16 gained 1.0x-1.2x where measured (README, Speed), so the exact fp32"
+    return "bf16", "this CPU runs bf16 natively, faster than fp32 at 64x64 and up"
+
+
+def cpu_has_native_bf16():
+    """True where the CPU has bf16 instructions (AVX512-BF16 or AMX) and oneDNN to use them, None where this PyTorch
+    cannot tell. (oneDNN's own "bf16 supported" is true on every AVX-512 CPU, which emulates bf16.)"""
+    try:
+        return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported()
+                                                         or torch.cpu._is_amx_tile_supported())
+    except AttributeError:                      # private functions: a PyTorch without them cannot tell
+        return None
+
+
+def autocast_context(device, precision):
+    """The run's autocast, built once: bf16, or a no-op for fp32. No weight-cast cache, so a CUDA graph may capture it."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, torch.bfloat16, cache_enabled=False)
+
+
+class cuda_graphed:
+    """Wrap a training step (a function of tensors that returns a tensor) so that it is recorded once as a CUDA graph
+    and replayed: one launch for the whole forward, loss, backward and Adam step instead of hundreds. The first
+    WARMUP calls run eagerly on a side stream (the capture needs warm kernels and optimizer state), the next captures
+    into fixed buffers, every later call copies its inputs into them and replays: every call is one real step. Needs
+    Adam(capturable=True) and the run's device current. https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
+    WARMUP = 3
+
+    def __init__(self, step):
+        self.step = step
+        self.calls = 0
+        self.graph = None
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # expected here
+                out = self.step(*args)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return out
+        if self.graph is None:
+            self.args = [a.clone() if torch.is_tensor(a) else a for a in args]   # the buffers the graph reads
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(*self.args)
+        for buffer, a in zip(self.args, args):
+            if torch.is_tensor(a) and a is not buffer:
+                assert (a.shape, a.dtype) == (buffer.shape, buffer.dtype), f"the graph replays {buffer.shape} " \
+                    f"{buffer.dtype}, not {a.shape} {a.dtype}"
+                buffer.copy_(a)
+        self.graph.replay()
+        return self.out.clone()

@@ -5,9 +5,11 @@ monkeypatches them to its own tiny counts, so the loaders' count checks run for 
 """
 import json
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,17 @@ def restore_signals():
     for sig, handler in saved.items():
         signal.signal(sig, handler)
     main.STOP.clear()
+
+
+def ledger_for(folder, model, optimizer, generators=(), hint="a lower --lr"):
+    """A Ledger of stage 1's loop (seed 0, 'none': 2 epochs of 10 steps) in `folder`, outside a run."""
+    key = (0, "none", "vae")
+    session = types.SimpleNamespace(folder=folder, forecast=main.Forecast({key: ("vae step", 2, 10)}, folder, 100))
+    return main.Ledger(session, key, model, optimizer, list(generators), 2, "stage 1 [seed 0, none]", ("loss",), hint)
+
+
+def continue_command(stderr):
+    """The arguments of the command that the message of a stopped run prints, after `python main.py`."""
+    lines = stderr.splitlines()
+    line = lines[lines.index("stopped by a signal; the checkpoint is saved. Continue with the same command:") + 1]
+    return shlex.split(line)[2:]

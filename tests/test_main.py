@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import data
 import main
 import probe
 import vae
-from conftest import ROOT, TINY, metrics, run_main
+from conftest import ROOT, TINY, continue_command, ledger_for, metrics, run_main
 
 
 def test_end_to_end_writes_every_output(reference_run):
@@ -58,10 +57,10 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(reference_run, tmp_path
             proc.send_signal(signal.SIGINT)
             break
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume" in stderr
+    assert proc.returncode == 130 and continue_command(stderr) == [*TINY, "--out", str(out), "--log-every", "0"]
     assert not (out / "results.json").exists()
     mark_as_saved_by_a_graphed_gpu_run(out / "seed0" / "none" / "checkpoint-vae.pt")
-    status, stdout, stderr = run_main("--out", str(out), "--resume", "--device", "cpu")
+    status, stdout, stderr = run_main(*TINY, "--out", str(out))
     assert status == 0, stderr
     assert "stage 1 [seed 0, none] epoch 1/2" not in stdout     # the finished epoch was not trained again
     assert metrics(out) == metrics(reference_run[0])
@@ -69,7 +68,7 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(reference_run, tmp_path
 
 def mark_as_saved_by_a_graphed_gpu_run(path):
     """Rewrite a checkpoint as a --cuda-graph run on a GPU saves it: a capturable Adam (its steps float32 tensors)
-    and the CUDA random state of its device (loaded on the CPU, as load_checkpoint maps everything there)."""
+    and the CUDA random state of its device (loaded on the CPU, as the Ledger maps everything there)."""
     state = torch.load(path, weights_only=False)
     for group in state["optimizer"]["param_groups"]:
         group["capturable"] = True
@@ -85,15 +84,18 @@ def test_a_checkpoint_of_a_graphed_gpu_run_trains_on_the_cpu(tmp_path):
     model = vae.VAE(latent_dim=8, image_size=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     vae.train_step(model, optimizer, x, x, 1.0, ctx)
-    main.save_checkpoint(tmp_path / "vae.pt", model, optimizer, [torch.Generator()], {"epoch": 1})
-    mark_as_saved_by_a_graphed_gpu_run(tmp_path / "vae.pt")
+    ledger = ledger_for(tmp_path, model, optimizer, [torch.Generator()])
+    ledger.epoch = 1
+    ledger.save()
+    path = tmp_path / "seed0" / "none" / "checkpoint-vae.pt"
+    mark_as_saved_by_a_graphed_gpu_run(path)
     as_saved = torch.optim.Adam(model.parameters(), lr=1e-3)
-    as_saved.load_state_dict(torch.load(tmp_path / "vae.pt", weights_only=False)["optimizer"])
+    as_saved.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
     with pytest.raises(AssertionError, match="capturable=True"):          # what a plain load_state_dict gives
         vae.train_step(model, as_saved, x, x, 1.0, ctx)
     fresh = vae.VAE(latent_dim=8, image_size=32)
     fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
-    assert main.load_checkpoint(tmp_path / "vae.pt", fresh, fresh_optimizer, [torch.Generator()]) == {"epoch": 1}
+    assert ledger_for(tmp_path, fresh, fresh_optimizer, [torch.Generator()]).epoch == 1
     assert not fresh_optimizer.param_groups[0]["capturable"]
     loss_before = vae.train_step(fresh, fresh_optimizer, x, x, 1.0, ctx)[0]
     assert all(s["step"].item() == 2 for s in fresh_optimizer.state.values())   # Adam went on from its saved step
@@ -200,21 +202,6 @@ def test_bad_input_is_one_clear_line_and_status_2(flags, message, tmp_path, caps
     assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags, message", [
-    ([], "holds no run to continue"),
-    (["--overwrite"], "--overwrite starts it over: give one of them"),
-    (["--epochs", "200"], "leave out --epochs ("),
-    (["--data-dir", "elsewhere"], "leave out --data-dir ("),
-    (["--seed", "1"], "leave out --seeds ("),
-])
-def test_resume_takes_no_flag_that_would_change_the_run(flags, message, tmp_path, capsys, restore_signals):
-    with pytest.raises(SystemExit) as e:
-        main.main(["--out", str(tmp_path / "run"), "--resume", "--device", "cpu", "--log-every", "5", *flags])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()                                   # nothing made, nothing deleted
-
-
 def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -236,13 +223,13 @@ def test_truncated_checkpoint_is_reported(tmp_path, capsys, restore_signals):
     checkpoint = out / "seed0" / "none" / "checkpoint-vae.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(SystemExit) as e:
-        main.main(["--out", str(out), "--resume"])
+        main.main([*TINY, "--out", str(out), "--epochs", "1", "--probe-epochs", "1", "--aug", "none"])
     assert e.value.code == 2 and "truncated, unreadable" in capsys.readouterr().err
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch, restore_signals):
     steps, train_step = [0], vae.train_step
-    monkeypatch.setattr(main, "time_trials", lambda session, args: collections.defaultdict(lambda: 1e-3))
+    monkeypatch.setattr(main, "time_trials", lambda session, args, kinds: collections.defaultdict(lambda: 1e-3))
 
     def step_that_blows_up(*args):              # 9 steps an epoch: the 12th is step 3 of epoch 2
         steps[0] += 1
@@ -257,13 +244,50 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, m
     assert torch.load(out / "seed0" / "none" / "checkpoint-vae.pt")["loop"]["epoch"] == 1     # the last good epoch
 
 
+def test_a_probe_that_diverges_names_its_own_stage_and_flag(tmp_path, capsys, monkeypatch):
+    train_epoch = probe.train_epoch
+
+    def epoch_that_blows_up(head, *args):
+        train_epoch(head, *args)
+        head[0].weight.data.fill_(float("nan"))
+    monkeypatch.setattr(probe, "train_epoch", epoch_that_blows_up)
+    with pytest.raises(SystemExit) as e:
+        main.main([*TINY, "--epochs", "1", "--aug", "none", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and "stage 2 [seed 0, none, mu] epoch 1: diverged" in err
+    assert "--probe-lr" in err and "--precision" not in err
 
 
-@pytest.mark.parametrize("native, size, expected", [(True, 64, "bf16"), (True, 32, "fp32"), (False, 64, "fp32")])
+
+
+@pytest.mark.parametrize("native, size, expected", [(True, 64, "bf16"), (True, 32, "fp32"), (False, 64, "fp32"),
+                                                    (None, 64, "fp32")])
 def test_auto_precision_follows_the_measured_rules(native, size, expected, monkeypatch):
-    monkeypatch.setattr(main, "cpu_has_native_bf16", lambda: native)
-    assert main.pick_precision("auto", torch.device("cpu"), size)[0] == expected
-    assert main.pick_precision("fp32", torch.device("cpu"), size)[0] == "fp32"
+    monkeypatch.setattr(vae, "cpu_has_native_bf16", lambda: native)
+    assert vae.pick_precision("auto", torch.device("cpu"), size)[0] == expected
+    assert vae.pick_precision("fp32", torch.device("cpu"), size)[0] == "fp32"
+
+
+def test_auto_precision_asks_the_cpu_for_bf16_instructions_not_onednn(monkeypatch):
+    """oneDNN says bf16 is supported on every AVX-512 CPU, where it emulates it; a Xeon without AVX512-BF16 or AMX
+    must get fp32. A PyTorch without the private checks gets fp32 and a reason, not a traceback."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert vae.pick_precision("auto", torch.device("cpu"), 64)[0] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert vae.pick_precision("auto", torch.device("cpu"), 64)[0] == "bf16"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    precision, reason = vae.pick_precision("auto", torch.device("cpu"), 64)
+    assert precision == "fp32" and "cannot tell" in reason
+
+
+def test_a_list_and_a_mix_of_augmentations_get_their_own_folders():
+    folders = {text: main.parse_args(["--aug", text]).out for text in ("crop,hue-saturation", "crop+hue-saturation",
+                                                                     "hue-saturation+crop", "crop")}
+    assert len(set(folders.values())) == len(folders)
+    assert main.parse_args(["--aug", "none,crop", "--seeds", "0,1"]).out == "runs/cifar10-crop-seed0+1"
+
 
 
 def test_the_supervised_ceiling_beats_every_frozen_probe_on_shapes(tmp_path, restore_signals):
@@ -274,6 +298,9 @@ def test_the_supervised_ceiling_beats_every_frozen_probe_on_shapes(tmp_path, res
     ceiling = next(r["test_top1"] for r in records if r["name"] == "supervised")
     frozen = [r["test_top1"] for r in records if r["name"] != "supervised"]
     assert len(frozen) == 4 and ceiling > max(frozen) + 5                 # two VAEs, pixels, the untrained encoder
+    floor = next(r["test_top1"] for r in records if r["name"] == "random-encoder")
+    for r in records[:2]:                                                 # the VAEs' share of the way from the floor
+        assert r["ceiling_share"] == pytest.approx(100 * (r["test_top1"] - floor) / (ceiling - floor))
 
 
 # The tests below need a GPU (they are skipped elsewhere); they compare with tolerances, since CUDA runs are not bitwise.
@@ -420,28 +447,41 @@ def test_measure_augmentation_on_a_hand_made_case():
 
 def test_the_forecast_counts_exactly_the_loops_a_run_trains(reference_run):
     out = reference_run[0]
-    args = main.parse_args([*TINY, "--out", str(out)])
-    jobs = main.planned_jobs(args, {"train": 288, "val": 32, "test": 1000})
+    loops = main.planned_loops(main.parse_args([*TINY, "--out", str(out)]), 288)
     written = {(int(p.parent.parent.name.removeprefix("seed")), p.parent.name, p.stem.removeprefix("checkpoint-"))
                for p in out.glob("seed*/*/checkpoint-*.pt")}
-    assert set(jobs) == written
-    for (seed, name, part), job in jobs.items():
+    assert set(loops) == written
+    for (seed, name, part), (kind, epochs, per_epoch) in loops.items():
         state = torch.load(out / f"seed{seed}" / name / f"checkpoint-{part}.pt", weights_only=True)["loop"]
-        assert (state["epoch"], state["step"]) == (job.epochs, 0)
+        assert (state["epoch"], state["step"]) == (epochs, 0) and per_epoch == (9 if kind.endswith("step") else 1)
+    assert not any(main.Forecast(loops, out, 100).left.values())              # what the checkpoints say is done
 
 
-def test_the_eta_follows_each_kind_of_work():
-    jobs = {(0, "none", "vae"): main.Job("vae step", 2, 10), (0, "none", "probe-mu"): main.Job("probe epoch, 8", 3, 1)}
-    plan = main.Plan(jobs, {"vae step": 0.1, "probe epoch, 8": 2.0}, log_every=100)
-    assert plan.start((0, "none", "vae"), 1, 4) == 10                         # resumed: 1 epoch and 4 steps done
-    assert plan.eta_seconds() == pytest.approx(6 * 0.1 + 3 * 2.0)
-    plan.done((0, "none", "vae"))
-    plan.epoch_done((0, "none", "vae"), 1.5, 5)                               # that epoch took 0.3 s a step
-    assert plan.eta_seconds() == pytest.approx(5 * 0.3 + 3 * 2.0)
-    plan.epoch_done((0, "none", "vae"), 0.5, 5)                               # then 0.1 s: on average 0.2
-    assert plan.eta_seconds() == pytest.approx(5 * 0.2 + 3 * 2.0)
-    with pytest.raises(AssertionError, match="planned_jobs does not count it"):
-        plan.start((0, "pixels", "probe-standardized"), 0, 0)
+def test_the_eta_follows_each_kind_of_work(tmp_path):
+    loops = {(0, "none", "vae"): ("vae step", 2, 10), (0, "none", "probe-mu"): ("probe epoch, mu", 3, 1)}
+    forecast = main.Forecast(loops, tmp_path, 100)
+    forecast.rate = {"vae step": 0.1, "probe epoch, mu": 2.0}
+    assert forecast.at((0, "none", "vae"), 1, 4) == 10                       # resumed: 1 epoch and 4 steps done
+    assert forecast.seconds_left() == pytest.approx(6 * 0.1 + 3 * 2.0)
+    forecast.at((0, "none", "vae"), 1, 5)
+    forecast.measured((0, "none", "vae"), 1.5, 5)                            # those 5 steps took 0.3 s each
+    assert forecast.seconds_left() == pytest.approx(5 * 0.3 + 3 * 2.0)
+    forecast.measured((0, "none", "vae"), 0.5, 5)                            # then 0.1 s: on average 0.2
+    assert forecast.seconds_left() == pytest.approx(5 * 0.2 + 3 * 2.0)
+    with pytest.raises(AssertionError, match="planned_loops does not count it"):
+        forecast.at((0, "pixels", "probe-standardized"), 0, 0)
+
+
+def test_the_trials_time_only_the_work_left(tmp_path, monkeypatch):
+    timed = []
+    time_trials = main.time_trials
+    monkeypatch.setattr(main, "time_trials", lambda session, args, kinds: timed.append(kinds) or
+                        time_trials(session, args, kinds))
+    command = [*TINY, "--epochs", "1", "--probe-epochs", "1", "--out", str(tmp_path / "run")]
+    main.main([*command, "--no-baseline"])
+    main.main(command)                                                        # the crop VAE is done: the rest is timed
+    assert timed == [{"vae step", "probe epoch, mu"}, {"vae step", "probe epoch, mu", "probe epoch, pixels",
+                                                       "supervised step"}]
 
 
 def test_results_name_the_code_that_wrote_them(reference_run):
@@ -460,3 +500,70 @@ def test_the_gap_line_is_a_paired_t_test(differences, verdict):
     records = [{"seed": s, "name": "none", "test_top1": 40.0 + s} for s in range(len(differences))]
     records += [{"seed": s, "name": "crop", "test_top1": 40.0 + s + d} for s, d in enumerate(differences)]
     assert verdict in probe.paired_gap(records, "crop")
+
+
+def test_stage1_scores_the_clean_validation_images_and_their_fixed_draw(tmp_path, monkeypatch):
+    seen = []
+    validate = vae.validate
+
+    def recording_validate(model, x, x_aug, beta):
+        seen.append((x, x_aug, beta))
+        return validate(model, x, x_aug, beta)
+    monkeypatch.setattr(vae, "validate", recording_validate)
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--out", str(tmp_path / "run")])
+    args = main.parse_args(TINY)
+    splits, _ = main.load_data(args, torch.device("cpu"))
+    x_val = data.to_float(splits["val"][0][:main.MEASURE_IMAGES])
+    assert len(seen) == 2                                                      # one epoch of each VAE
+    for (x, x_aug, beta), name in zip(seen, ("none", "crop")):
+        assert torch.equal(x, x_val) and torch.equal(x_aug, main.fixed_draw(name, x_val, args.strength))
+        assert beta == args.beta
+    assert not torch.equal(seen[1][1], x_val)                                  # crop changed the view
+
+
+def test_the_label_keeping_table_reads_each_vae_with_its_own_probe():
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    vaes = {"none": FakeVAE(x, 1.0), "rotate": FakeVAE(x, 0.5)}
+    heads = {name: probe.make_head(4, 3) for name in vaes}
+    with torch.no_grad():
+        heads["rotate"][3].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))          # this probe says class 2, always
+    row = main.measure_augmentation("rotate", vaes, heads, x, y, 1.0, contextlib.nullcontext())
+    expected = 100 * (y == 2).float().mean().item()
+    assert row["augmented_top1_on_clean"] == pytest.approx(expected) and row["augmented_top1_on_aug"] == pytest.approx(expected)
+    mu = x.flatten(1)[:, :4]
+    assert row["baseline_top1_on_clean"] == pytest.approx(probe.evaluate(heads["none"], mu, y)["top1"])
+
+
+def test_the_ceiling_trains_on_the_seeds_crops_of_the_seeds_batches(tmp_path, monkeypatch):
+    """Its inputs are SUPERVISED_AUG of the batches stage 1 draws, from the seed's augmentation stream: recomputed
+    here from the data and the seeds alone."""
+    inputs = []
+    supervised_step = probe.supervised_step
+
+    def recording_step(network, optimizer, x_aug, y, autocast):
+        inputs.append((x_aug.clone(), y.clone()))
+        return supervised_step(network, optimizer, x_aug, y, autocast)
+    monkeypatch.setattr(probe, "supervised_step", recording_step)
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--aug", "none", "--out", str(tmp_path / "run")])
+    args = main.parse_args(TINY)
+    x_train, y_train = main.load_data(args, torch.device("cpu"))[0]["train"]
+    batch_rng = torch.Generator().manual_seed(0)                               # seed 0's batch order ...
+    aug_rng = torch.Generator().manual_seed(1)                                 # ... and augmentation stream
+    expected = [(augment.crop(data.to_float(x), args.strength, aug_rng), y)
+                for x, y in data.shuffled_batches(x_train, y_train, args.batch_size, batch_rng)]
+    assert main.SUPERVISED_AUG == "crop" and len(expected) == 9
+    for (x_aug, y), (want_x, want_y) in zip(inputs[-9:], expected):          # the trial's steps come first
+        assert torch.equal(y, want_y) and torch.equal(x_aug, want_x)
+
+
+def test_every_control_keeps_its_history_and_is_drawn(reference_run, tmp_path, monkeypatch):
+    out = reference_run[0]
+    for name, epochs in (("pixels", 3), ("random-encoder", 3), ("supervised", 2)):
+        rows = [json.loads(line) for line in (out / "seed0" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [row["epoch"] for row in rows] == list(range(1, epochs + 1)) and "val_top1" in rows[-1]
+    drawn = []
+    monkeypatch.setattr(probe, "draw_curves", lambda histories: drawn.append(histories) or Image.new("RGB", (9, 9)))
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--out", str(tmp_path / "run")])
+    assert list(drawn[0]) == ["none", "crop", "pixels", "random-encoder", "supervised"]
+    assert all(rows and all(row["stage"] != "vae" for row in rows) for rows in drawn[0].values())

@@ -13,9 +13,8 @@ import torch
 
 import augment
 import main
-import probe
 import vae
-from conftest import ROOT, TINY, metrics, run_main
+from conftest import ROOT, TINY, continue_command, ledger_for, metrics, run_main
 
 
 def interrupt_at(command, line_start):
@@ -30,12 +29,13 @@ def interrupt_at(command, line_start):
     return proc.returncode, stderr
 
 
-def test_the_printed_resume_command_of_an_overwrite_run_continues_it(reference_run, tmp_path):
-    out = tmp_path / "run"
+def test_the_printed_command_of_an_overwrite_run_continues_it(reference_run, tmp_path):
+    out = tmp_path / "run with a space"
     status, stderr = interrupt_at([*TINY, "--out", str(out), "--overwrite"], "stage 1 [seed 0, none] epoch 2/2 step 3/")
     assert status == 130
-    printed = next(line.split() for line in stderr.splitlines() if "--resume" in line)   # python main.py --out R --resume
-    status, stdout, stderr = run_main(*printed[2:], "--device", "cpu")
+    printed = continue_command(stderr)
+    assert printed == [*TINY, "--out", str(out), "--log-every", "0"]            # the same command, no --overwrite
+    status, stdout, stderr = run_main(*printed)
     assert status == 0, stderr
     assert "stage 1 [seed 0, none] epoch 1/2" not in stdout                   # not started over
     assert metrics(out) == metrics(reference_run[0])
@@ -48,7 +48,7 @@ def test_the_ceiling_resumes_to_the_step(reference_run, tmp_path):
     assert status == 130
     saved = torch.load(out / "seed0" / "supervised" / "checkpoint-network.pt", weights_only=True)["loop"]
     assert saved["epoch"] == 1 and 3 <= saved["step"] < 9                      # mid-epoch (9 steps), not redone
-    status, stdout, stderr = run_main("--out", str(out), "--resume", "--device", "cpu")
+    status, stdout, stderr = run_main(*TINY, "--out", str(out))
     assert status == 0, stderr
     assert "control [seed 0, supervised] epoch 1/2" not in stdout
     assert metrics(out) == metrics(reference_run[0])
@@ -69,21 +69,23 @@ def test_a_checkpoint_that_would_run_code_is_refused(reference_run, tmp_path, ca
     marker = tmp_path / "code-ran"
     torch.save({"format": main.CHECKPOINT_FORMAT, "loop": RunsCode(str(marker))}, out / "seed0" / "none" / "checkpoint-vae.pt")
     with pytest.raises(SystemExit) as e:
-        main.main(["--out", str(out), "--resume", "--device", "cpu"])
+        main.main([*TINY, "--out", str(out)])
     assert e.value.code == 2 and "holds more than tensors" in capsys.readouterr().err
     assert not marker.exists()
 
 
-def test_a_checkpoint_of_an_older_main_py_is_refused_in_one_line(reference_run, tmp_path, capsys, restore_signals):
+@pytest.mark.parametrize("missing", ["format", "loop"])   # the code before the Ledger; a layout without loop state
+def test_a_checkpoint_of_another_main_py_is_refused_in_one_line(missing, reference_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference_run[0], out)
     path = out / "seed0" / "crop" / "checkpoint-vae.pt"
     saved = torch.load(path, weights_only=True)
-    del saved["format"]                                                       # as the code before the Ledger wrote it
+    del saved[missing]
     torch.save(saved, path)
     with pytest.raises(SystemExit) as e:
-        main.main(["--out", str(out), "--resume", "--device", "cpu"])
-    assert e.value.code == 2 and "written by another version of main.py" in capsys.readouterr().err
+        main.main([*TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "written by another version of main.py" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("damage", ["missing", "not json", "a list", "an old version"])
@@ -96,7 +98,7 @@ def test_args_json_missing_or_damaged_beside_checkpoints(damage, reference_run, 
     else:
         path.write_text({"not json": "{\"epochs\": 2", "a list": "[1, 2]", "an old version": "{\"epochs\": 2}"}[damage])
     with pytest.raises(SystemExit) as e:
-        main.main(["--out", str(out), "--resume", "--device", "cpu"])
+        main.main([*TINY, "--out", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "args.json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -115,9 +117,9 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsy
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
     model = vae.VAE(latent_dim=8, image_size=32)
-    optimizer = torch.optim.Adam(model.parameters())
-    path = tmp_path / "checkpoint-vae.pt"
-    main.save_checkpoint(path, model, optimizer, [], {"epoch": 1})
+    ledger = ledger_for(tmp_path, model, torch.optim.Adam(model.parameters()))
+    ledger.save()
+    path = tmp_path / "seed0" / "none" / "checkpoint-vae.pt"
     good = path.read_bytes()
     placeholder = tmp_path / "placeholder.tmp"
     placeholder.write_bytes(b"")
@@ -125,8 +127,9 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsy
     def mkstemp_on_a_full_disk(**kwargs):
         return os.open("/dev/full", os.O_WRONLY), str(placeholder)
     monkeypatch.setattr(main.data.tempfile, "mkstemp", mkstemp_on_a_full_disk)
+    ledger.epoch = 2
     with pytest.raises(SystemExit) as e:
-        main.save_checkpoint(path, model, optimizer, [], {"epoch": 2})
+        ledger.save()
     assert e.value.code == 2 and "No space left" in capsys.readouterr().err
     assert path.read_bytes() == good and not placeholder.exists()
 
@@ -136,10 +139,10 @@ def test_write_file_reaches_the_disk_before_the_rename_and_leaves_no_temporary(t
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(main.data.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
     monkeypatch.setattr(main.data.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
-    main.write_file(tmp_path / "results.md", b"first")
-    main.write_file(tmp_path / "results.md", b"second")
+    main.write_file(tmp_path / "results.md", "first")
+    main.write_file(tmp_path / "results.md", "second")
     assert calls[:3] == ["fsync", "replace", "fsync"]                          # the file, the rename, its folder
-    assert (tmp_path / "results.md").read_bytes() == b"second"
+    assert (tmp_path / "results.md").read_text() == "second"
     assert os.listdir(tmp_path) == ["results.md"]                             # unique temporaries, all renamed
 
 
@@ -173,6 +176,56 @@ def test_python_too_old_is_one_line(capsys):
     main.check_python((3, 11, 7))
 
 
-def test_peak_memory_without_the_unix_module(monkeypatch):
-    monkeypatch.setattr(main, "resource", None)
-    assert main.peak_memory(torch.device("cpu")) == "peak memory not known on this system"
+def test_the_folder_is_locked_before_its_settings_are_read(reference_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    with open(out / "lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)                     # another run holds the folder ...
+        status, _, stderr = run_main(*TINY, "--out", str(out), "--epochs", "3")   # ... and may change its settings
+    assert status == 2 and "in use by another run" in stderr and "other settings" not in stderr
+
+
+def test_overwrite_deletes_what_the_earlier_run_wrote_and_nothing_else(tmp_path, restore_signals):
+    out = tmp_path / "run"
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--aug", "crop,rotate", "--out", str(out)])
+    (out / "notes.txt").write_text("the user's own")
+    (out / "seed0" / "rotate" / "my-plot.png").write_bytes(b"the user's own")
+    main.main([*TINY, "--epochs", "1", "--probe-epochs", "1", "--aug", "crop", "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in (out / "seed0" / "rotate").iterdir()) == ["my-plot.png"]   # weights, metrics gone
+    assert (out / "notes.txt").exists()
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert "rotate" not in {r["name"] for r in records} and "rotate" not in (out / "results.md").read_text()
+
+
+def test_a_signal_while_the_data_load_stops_at_once(tmp_path, monkeypatch, capsys):
+    reached = []
+
+    def interrupted_load(data_dir):                 # Ctrl-C in the middle of a download or a decode
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("the rest of the load")
+        return main.data.load_shapes(data_dir)
+    monkeypatch.setitem(main.data.LOADERS, "shapes", interrupted_load)
+    with pytest.raises(SystemExit) as e:
+        main.main([*TINY, "--out", str(tmp_path / "run")])
+    assert e.value.code == 130 and "before training began" in capsys.readouterr().err
+    assert not reached and not list((tmp_path / "run").glob("seed*"))
+
+
+def test_main_twice_in_one_process(tmp_path, monkeypatch):
+    """A run stopped by a signal leaves nothing behind in the process: the next main() trains to its end, and the
+    handlers are the caller's again."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    train_step = vae.train_step
+
+    def signalled_step(*args):
+        main.STOP.set()                                                       # as Ctrl-C during the first step
+        return train_step(*args)
+    monkeypatch.setattr(vae, "train_step", signalled_step)
+    command = [*TINY, "--epochs", "1", "--probe-epochs", "1", "--aug", "none", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        main.main(command)
+    assert e.value.code == 130 and {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    monkeypatch.setattr(vae, "train_step", train_step)
+    main.main(command)                                                        # continues, and is not stopped
+    assert (tmp_path / "run" / "results.json").exists() and not main.STOP.is_set()
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers

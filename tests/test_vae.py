@@ -173,3 +173,26 @@ def test_train_step_encodes_x_aug_and_scores_against_the_clean_x():
     parts = vae.elbo(x_logits, x, mu, logvar, beta=0.5)           # scored against the clean x
     assert loss == pytest.approx(parts.loss.item(), rel=1e-6)
     assert (recon, kl) == pytest.approx((parts.recon.mean().item(), parts.kl.mean().item()), rel=1e-6)
+
+
+def test_validate_scores_both_inputs_against_the_clean_x_in_eval_mode():
+    """The held-out loss of stage 1: z = mu of x and of x_aug, each decoded and scored against the clean x, with
+    BatchNorm's running statistics (made far from a batch's own here, so training mode would give other numbers)."""
+    torch.manual_seed(0)
+    model = vae.VAE(latent_dim=8, image_size=32)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(-0.1)
+            module.running_var.fill_(0.5)
+    x, x_aug = torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32)
+    scores = vae.validate(model, x, x_aug, beta=0.5)
+    assert model.training                                                      # left in its mode
+    model.eval()
+    for kind, x_in in (("clean", x), ("aug", x_aug)):
+        mu, logvar = model.encode(x_in)
+        x_logits = model.decode(mu)
+        assert scores[f"val_loss_{kind}"] == pytest.approx(vae.elbo(x_logits, x, mu, logvar, 0.5).loss.item(), rel=1e-5)
+        assert scores[f"mse_{kind}"] == pytest.approx((torch.sigmoid(x_logits) - x).pow(2).mean().item(), rel=1e-5)
+    model.train()                                                              # what training mode would give
+    mu, logvar = model.encode(x)
+    assert vae.elbo(model.decode(mu), x, mu, logvar, 0.5).loss.item() != pytest.approx(scores["val_loss_clean"], rel=1e-4)
