@@ -72,7 +72,7 @@ DEFAULTS = {"cifar10": PAPER, "tinyimagenet": PAPER,
 RECIPES = {"paper": {}, "ours": dict(aug="crop", image_size=64, epochs=20)}
 VAL_FRACTION = 0.1        # 45,000 / 5,000 for CIFAR-10
 SPLIT_SEED = 0            # the validation split never changes with --seeds
-MEASURE_IMAGES = 1000     # test images for the reconstruction, invariance and KL measurements
+MEASURE_IMAGES = 1000     # test images measured and pictured; validation images stage 1 scores every epoch
 MEASURE_SEED = 12345      # one fixed draw of augmentations for every measurement and picture, so VAEs and epochs compare
 SAMPLE_SEED = 54321       # one fixed draw of z ~ N(0, I) for the samples in reconstructions.png
 CONTROLS = ("pixels", "random-encoder", "supervised")
@@ -241,7 +241,7 @@ def train_vae(name, seed, args, session):
     x_val = data.to_float(session.splits["val"][0][:MEASURE_IMAGES])         # (N, 3, H, W), scored every epoch
     x_val_aug = fixed_draw(name, x_val, args.strength)
     ledger = Ledger(session, (seed, name, "vae"), model, optimizer, [batch_rng, aug_rng], args.epochs,
-                            f"stage 1 [seed {seed}, {name}]", ("loss", "recon", "kl"), "a lower --lr or --precision fp32")
+                    f"stage 1 [seed {seed}, {name}]", ("loss", "recon", "kl"), "a lower --lr or --precision fp32")
     for epoch in ledger.epochs():
         # Train: the encoder sees the augmented x_aug, the loss scores the reconstruction against the clean x.
         model.train()
@@ -278,7 +278,7 @@ def train_probe(name, features_name, features, seed, args, session):
     optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
     order_rng = torch.Generator().manual_seed(seed + 2)
     ledger = Ledger(session, (seed, name, f"probe-{features_name}"), head, optimizer, [order_rng], args.probe_epochs,
-                            f"stage 2 [seed {seed}, {name}, {features_name}]", ("loss",), "a lower --probe-lr")
+                    f"stage 2 [seed {seed}, {name}, {features_name}]", ("loss",), "a lower --probe-lr")
     for epoch in ledger.epochs():
         probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, order_rng)
         row = {"run": name, "head": features_name, "seed": seed, "stage": "probe", "epoch": epoch + 1}
@@ -310,8 +310,8 @@ def train_supervised(seed, args, session):
     x_train, y_train = session.splits["train"]
     images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in session.splits.items()}
     ledger = Ledger(session, (seed, "supervised", "network"), network, optimizer, [batch_rng, aug_rng], args.epochs,
-                            f"control [seed {seed}, supervised]", ("loss", "top-1 %", "top-5 %"),
-                            "a lower --lr or --precision fp32")
+                    f"control [seed {seed}, supervised]", ("loss", "top-1 %", "top-5 %"),
+                    "a lower --lr or --precision fp32")
     for epoch in ledger.epochs():
         # Train on augmented batches, like stage 1, but scored on the labels.
         network.train()
@@ -441,12 +441,13 @@ def write_results(folder, args, records, wall_seconds):
     """results.json (every record, with the settings, code version, machine and wall time) and results.md."""
     version = code_version()
     write_file(folder / "results.json", {
-        "args": {key: value for key, value in vars(args).items() if key != "overwrite"}, "code": version, "precision": args.precision, "torch": torch.__version__,
-        "python": platform.python_version(), "machine": platform.platform(), "threads": torch.get_num_threads(),
-        "wall_seconds_last_invocation": wall_seconds, "records": records})
+        "args": {key: value for key, value in vars(args).items() if key != "overwrite"}, "code": version,
+        "precision": args.precision, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.platform(), "threads": torch.get_num_threads(), "wall_seconds_last_invocation": wall_seconds,
+        "records": records})
     rows = {"all": vae_names(args) + (list(CONTROLS) if args.baseline else []), "augs": args.augs}
-    tables = [(title, intro, probe.markdown_table(records, rows[which], columns)) for title, intro, which, columns in TABLES
-              if which == "all" or args.baseline]           # the other two compare with the baseline
+    tables = [(title, intro, probe.markdown_table(records, rows[which], columns))
+              for title, intro, which, columns in TABLES if which == "all" or args.baseline]   # 2 and 3 need 'none'
     sections = [f"# {args.dataset}, {args.image_size}x{args.image_size}, {args.epochs} VAE epochs (lr {args.lr:g}, "
                 f"beta {args.beta:g}, strength {args.strength:g}), {args.probe_epochs} probe epochs, seeds {args.seeds} "
                 f"(mean +- std over n seeds)\n\ncode {version['git_commit'] or 'outside git'}, files "
@@ -465,8 +466,8 @@ def save_trained(folder, seed, result):
     for name, history in result.histories.items():
         write_file(folder / f"seed{seed}" / name / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     for name, model in result.vaes.items():
-        write_file(folder / f"seed{seed}" / name / "vae.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-        write_file(folder / f"seed{seed}" / name / "probe.pt", {k: v.cpu() for k, v in result.heads[name].state_dict().items()})
+        for file, network in (("vae.pt", model), ("probe.pt", result.heads[name])):
+            write_file(folder / f"seed{seed}" / name / file, {k: v.cpu() for k, v in network.state_dict().items()})
 
 # -----------------------------------------------------------------------------
 # The experiment, start to end
@@ -487,11 +488,7 @@ def main(argv=None):
         print(f"{device}, {args.precision}: {reason}", flush=True)
         splits, num_classes = load_data(args, device)
         write_file(folder / "args.json", {key: value for key, value in vars(args).items() if key != "overwrite"})
-        forecast = Forecast(planned_loops(args, len(splits["train"][1])), folder, args.log_every)
-        session = Session(folder, device, vae.autocast_context(device, args.precision), args.cuda_graph and
-                          device.type == "cuda", splits, num_classes, forecast)
-        forecast.rate = time_trials(session, args, forecast.kinds_left())   # what the checkpoints leave to do
-        forecast.announce(slow=args.image_size > 32 or args.epochs > 10)
+        session = start_session(args, folder, device, splits, num_classes)
         stop_between_steps()
         records = []
         for seed in args.seed_list:
@@ -510,7 +507,9 @@ def main(argv=None):
         write_file(folder / "curves.png", probe.draw_curves(probe_rows))
         print(f"wrote {folder}/: results.md, results.json, reconstructions.png, curves.png, "
               f"seed*/<run>/ (metrics.jsonl, checkpoints; vae.pt and probe.pt for each VAE)")
-        exit_if_stopped()
+        if STOP.is_set():                           # a signal while the report was written let it finish
+            print("stopped by a signal after the report was written; the run is complete", file=sys.stderr)
+            raise SystemExit(130)
 
 # -----------------------------------------------------------------------------
 # Machinery: the run folder and its files, the Ledger that keeps each loop's books, the forecast, the device,
@@ -526,6 +525,18 @@ class Session(NamedTuple):
     splits: dict            # {split: (uint8 images (N, 3, H, W), int64 labels (N,))} on the device
     num_classes: int
     forecast: "Forecast"
+
+
+def start_session(args, folder, device, splits, num_classes):
+    """Settle the run's autocast, CUDA graph and forecast: what the checkpoints leave to do, timed in short trials."""
+    forecast = Forecast(planned_loops(args, len(splits["train"][1])), folder, args.log_every)
+    graphed = args.cuda_graph and device.type == "cuda"
+    autocast = vae.autocast_context(device, args.precision)
+    session = Session(folder, device, autocast, graphed, splits, num_classes, forecast)
+    left = {kind for key, (kind, _, _) in forecast.loops.items() if forecast.left[key]}     # the work still to do
+    forecast.rate = time_trials(session, args, left)
+    forecast.announce(slow=args.image_size > 32 or args.epochs > 10)
+    return session
 
 
 @contextlib.contextmanager
@@ -671,7 +682,6 @@ class Ledger:
         """Count one step's [loss, ...], a tensor on the device; print a progress line when due; stop on a signal."""
         self.sums = parts if self.sums is None else self.sums + parts
         self.step += 1
-        self.session.forecast.at(self.key, self.epoch, self.step)
         if self.session.forecast.due() or STOP.is_set():         # reading the sums waits for the device: only now and then
             means = ", ".join(f"{name} {value:.1f}" for name, value in zip(self.parts, self.means()))
             self.session.forecast.print(f"{self.title} epoch {self.epoch + 1}/{self.epochs_total} step {self.step}/"
@@ -692,13 +702,12 @@ class Ledger:
         """Check the loss, keep the row, save, print `line` (or, not every_epoch, when due and after the last)."""
         self.check_finite(row["train_loss"], f"epoch {self.epoch + 1}")
         seconds = time.perf_counter() - self.t_start
-        self.session.forecast.measured(self.key, seconds, self.steps - self.first_step)
         self.history = self.history + [row]
         self.epoch += 1
         self.step = 0
         self.sums = None
         self.seconds += seconds
-        self.session.forecast.at(self.key, self.epoch, self.step)
+        self.session.forecast.epoch_done(self.key, self.epoch, seconds, self.steps - self.first_step)
         self.save()
         self.session.forecast.print(f"{self.title} epoch {self.epoch}/{self.epochs_total} {line}",
                                     force=every_epoch or self.epoch == self.epochs_total)
@@ -760,11 +769,10 @@ class Forecast:
 
     def __init__(self, loops, folder, log_every):
         self.loops = loops
-        self.left = {key: epochs * per_epoch for key, (_, epochs, per_epoch) in loops.items()}
-        for key in loops:
-            saved = read_checkpoint(checkpoint_path(folder, key), mmap=True)
-            if saved is not None:
-                self.at(key, saved["loop"]["epoch"], saved["loop"]["step"])
+        self.left = {}
+        for key in loops:                     # what the folder's checkpoints say is done, as the Ledgers will find it
+            saved = read_checkpoint(checkpoint_path(folder, key), mmap=True) or {"loop": {"epoch": 0, "step": 0}}
+            self.at(key, saved["loop"]["epoch"], saved["loop"]["step"])
         self.rate = {}                        # kind -> seconds per unit: the trial's, then the mean measured
         self.spent = {}                       # kind -> [seconds, units] measured so far
         self.log_every = log_every
@@ -777,10 +785,9 @@ class Forecast:
         self.left[key] = (epochs - epoch) * per_epoch - step
         return per_epoch
 
-    def kinds_left(self):
-        return {self.loops[key][0] for key, left in self.left.items() if left}
-
-    def measured(self, key, seconds, units):
+    def epoch_done(self, key, epoch, seconds, units):
+        """Loop `key` finished epoch `epoch`, `units` units of it (the rest was done before a stop) in `seconds`."""
+        self.at(key, epoch, 0)
         spent = self.spent.setdefault(self.loops[key][0], [0.0, 0])
         spent[0] += seconds
         spent[1] += units
@@ -826,10 +833,11 @@ def time_trials(session, args, kinds):
     with torch.random.fork_rng(devices=[session.device] if session.device.type == "cuda" else []):
         model = vae.VAE(args.latent_dim, args.image_size).to(session.device, memory_format=torch.channels_last)
         network = probe.Supervised(model, probe.make_head(args.latent_dim, session.num_classes).to(session.device))
-        adam = {"vae": torch.optim.Adam(model.parameters(), lr=args.lr), "network": torch.optim.Adam(network.parameters())}
-        trials = {"vae step": lambda: vae.train_step(model, adam["vae"], *augmented_batch(
+        vae_adam = torch.optim.Adam(model.parameters(), lr=args.lr)
+        network_adam = torch.optim.Adam(network.parameters(), lr=args.lr)
+        trials = {"vae step": lambda: vae.train_step(model, vae_adam, *augmented_batch(
                       x_uint8, augment.crop, args.strength, generator), args.beta, session.autocast),
-                  "supervised step": lambda: probe.supervised_step(network, adam["network"], augmented_batch(
+                  "supervised step": lambda: probe.supervised_step(network, network_adam, augmented_batch(
                       x_uint8, augment.crop, args.strength, generator)[1], y, session.autocast),
                   "probe epoch, mu": probe_epoch(torch.randn(rows, args.latent_dim, device=session.device)),
                   "probe epoch, pixels": probe_epoch(probe.Features(x_train[:rows], lambda x: x.flatten(1)))}
@@ -901,13 +909,6 @@ def stop_between_steps():
         signal.signal(signum, signal.SIG_DFL)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-
-
-def exit_if_stopped():
-    """A signal that came while the report was written let it finish; now the run stops as it would elsewhere."""
-    if STOP.is_set():
-        print("stopped by a signal; the report was finished first, and the run is complete", file=sys.stderr)
-        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -458,16 +458,15 @@ def test_the_forecast_counts_exactly_the_loops_a_run_trains(reference_run):
 
 
 def test_the_eta_follows_each_kind_of_work(tmp_path):
-    loops = {(0, "none", "vae"): ("vae step", 2, 10), (0, "none", "probe-mu"): ("probe epoch, mu", 3, 1)}
+    loops = {(0, "none", "vae"): ("vae step", 4, 10), (0, "none", "probe-mu"): ("probe epoch, mu", 3, 1)}
     forecast = main.Forecast(loops, tmp_path, 100)
-    forecast.rate = {"vae step": 0.1, "probe epoch, mu": 2.0}
-    assert forecast.at((0, "none", "vae"), 1, 4) == 10                       # resumed: 1 epoch and 4 steps done
-    assert forecast.seconds_left() == pytest.approx(6 * 0.1 + 3 * 2.0)
-    forecast.at((0, "none", "vae"), 1, 5)
-    forecast.measured((0, "none", "vae"), 1.5, 5)                            # those 5 steps took 0.3 s each
-    assert forecast.seconds_left() == pytest.approx(5 * 0.3 + 3 * 2.0)
-    forecast.measured((0, "none", "vae"), 0.5, 5)                            # then 0.1 s: on average 0.2
-    assert forecast.seconds_left() == pytest.approx(5 * 0.2 + 3 * 2.0)
+    forecast.rate = {"vae step": 0.1, "probe epoch, mu": 2.0}                # the trials'
+    assert forecast.at((0, "none", "vae"), 1, 4) == 10                       # continued: 1 epoch and 4 steps done
+    assert forecast.seconds_left() == pytest.approx(26 * 0.1 + 3 * 2.0)
+    forecast.epoch_done((0, "none", "vae"), 2, 1.8, 6)                       # its last 6 steps took 0.3 s each
+    assert forecast.seconds_left() == pytest.approx(20 * 0.3 + 3 * 2.0)
+    forecast.epoch_done((0, "none", "vae"), 3, 1.0, 10)                      # then 0.1 s: 2.8 s for 16 on average
+    assert forecast.seconds_left() == pytest.approx(10 * 2.8 / 16 + 3 * 2.0)
     with pytest.raises(AssertionError, match="planned_loops does not count it"):
         forecast.at((0, "pixels", "probe-standardized"), 0, 0)
 
