@@ -38,6 +38,7 @@ Axes: B batch, C channels, H/W height/width, D latent size, K classes.
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import platform
@@ -586,15 +587,20 @@ def run_folder(args):
 
 
 def write_file(path, content):
-    """Write content in the format the name says (.json as JSON, .pt with torch.save, .png as PNG, else text), durably
+    """Write content in the format the name says (.pt with torch.save, .png as PNG, .json as JSON, else text), durably
     and atomically (data.write_atomically: a temporary file of its own, fsynced, then renamed), so a crash, a full
     disk or a second writer never leaves a torn file. A failure is one line and status 2; the old file is kept."""
     path = Path(path)
-    writers = {".json": lambda file: file.write((json.dumps(content, indent=2) + "\n").encode()),
-               ".pt": lambda file: torch.save(content, file), ".png": lambda file: content.save(file, "PNG")}
+    buffer = io.BytesIO()                       # serialized whole first: torch.save on a full disk is no OSError
+    if path.suffix == ".pt":
+        torch.save(content, buffer)
+    elif path.suffix == ".png":
+        content.save(buffer, "PNG")
+    else:
+        buffer.write((json.dumps(content, indent=2) + "\n" if path.suffix == ".json" else content).encode())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.write_atomically(path, writers.get(path.suffix, lambda file: file.write(content.encode())))
+        data.write_atomically(path, lambda file: file.write(buffer.getvalue()))
     except OSError as error:
         fail(f"cannot write {path} ({error.strerror or error}); the last good copy, if any, is kept")
 
