@@ -241,7 +241,7 @@ def reconstruction_rows(vaes, x, x_augs, sample_seed, num_images=8):
     return rows, titles
 
 # -----------------------------------------------------------------------------
-# Running it: the device, the precision that suits it, and on a GPU the step replayed as one CUDA graph
+# Running it: the device, the allocator, the precision that suits them, and on a GPU the step as one CUDA graph
 
 
 def pick_device(name):
@@ -256,8 +256,8 @@ def pick_device(name):
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name} was asked for, but this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), "
-                 f"so no CUDA device {device.index}; use --device cpu")
+            raise ValueError(f"--device {name} was asked for, but this PyTorch sees {torch.cuda.device_count()} CUDA "
+                             f"GPU(s), so no CUDA device {device.index}; use --device cpu")
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True   # shapes never change: let cuDNN time and pick its kernels once
     return device
@@ -265,7 +265,7 @@ def pick_device(name):
 
 def tune_allocator():
     """Keep glibc from handing big activation buffers back to the OS after every step, so that the next step need not
-    page-fault them in again (Linux with glibc; elsewhere there is nothing to do). At 64x64 stage 1 ran 1.07x as fast
+    page-fault them in again (Linux with glibc; elsewhere there is nothing to do). At 64x64 stage 1 ran 1.06x as fast
     with it on a 2-core CPU (README, Speed)."""
     if sys.platform != "linux":
         return
@@ -292,9 +292,10 @@ def pick_precision(choice, device, image_size):
     if device.type == "cuda":
         return "fp32", "at batch 128 this network is launch-bound on a GPU, and bf16 autocast only adds cast kernels"
     native = cpu_has_native_bf16()
+    if native is None:
+        return "fp32", "this PyTorch cannot tell whether the CPU has bf16 instructions, so the exact fp32"
     if not native:
-        return "fp32", ("this PyTorch cannot tell whether the CPU has bf16 instructions" if native is None else
-                        "this CPU has no bf16 instructions (AVX512-BF16 or AMX)") + ", where bf16 is emulated, slower"
+        return "fp32", "this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 would be emulated, 0.41x of fp32"
     if image_size < 64:
         return "fp32", "below 64x64 bf16 gained 1.0x-1.2x where measured (README, Speed), so the exact fp32"
     return "bf16", "this CPU runs bf16 natively, faster than fp32 at 64x64 and up"
@@ -311,7 +312,7 @@ def cpu_has_native_bf16():
 
 
 def autocast_context(device, precision):
-    """The run's autocast, built once: bf16, or a no-op for fp32. No weight-cast cache, so a CUDA graph may capture it."""
+    """The run's autocast, built once: bf16, or a no-op for fp32 (no weight-cast cache: a CUDA graph captures it)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, torch.bfloat16, cache_enabled=False)
