@@ -109,7 +109,8 @@ def reference_run(tmp_path_factory):
 
 @pytest.fixture
 def restore_signals():
-    """main() installs SIGINT/SIGTERM handlers; give pytest its own back afterwards."""
+    """main() gives back the caller's SIGINT/SIGTERM handlers and clears STOP itself (tested); this fixture does it
+    again after a test that calls main() in-process, so that a failing test cannot leave them behind."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in saved.items():
