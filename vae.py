@@ -22,8 +22,9 @@ of an augmentation it undoes:
     undone = (e_base(x_aug) - e(x_aug)) / (e_base(x_aug) - e_base(x)),  e = squared error against the clean x
 0 when the VAE reconstructs the augmented view no better than the baseline VAE (trained on clean images)
 does, 1 when as well as the baseline reconstructs the clean image: a VAE that ignores its input or blurs
-cannot score well. Last, running it, which changes no result: the device, the precision that suits it
-(`pick_precision`) and, on a GPU, `train_step` replayed as one CUDA graph (`cuda_graphed`).
+cannot score well. Last, running it, which changes no result: the device, glibc's allocator kept from unmapping
+big buffers (`tune_allocator`), the precision that suits the device (`pick_precision`) and, on a GPU, `train_step`
+replayed as one CUDA graph (`cuda_graphed`).
 Called by main.py (stage 1, its measurements, its device settings); probe.py only uses `encode`.
 
 Axes: B batch, C channels, H/W height/width, D latent size.
