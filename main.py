@@ -10,28 +10,12 @@ Method (Rajagopalan 2021, "Learned Data Augmentation"), once per seed, in the or
     1. stage 1 (train_vae): for every batch, x_aug = augment(x); minimise -ELBO(decode(z), x) with z ~ q(z | x_aug)
        (vae.train_step): augmented in, clean out. First the baseline "none" (clean in, clean out), then each --aug;
     2. stage 2 (train_probe): freeze the encoder, train the paper's head on mu, report top-1/top-5;
-    3. controls: the head on standardized raw pixels and on the untrained encoder (the VAEs' common start), and a
-       ceiling (train_supervised): that encoder and head trained end to end on the labels;
-    4. measure (measure_augmentation): how much of the augmentation each VAE undoes, how far it moves mu, and
-       whether the probe still finds the label;
+    3. controls: the head on standardized pixels and on the untrained encoder; a supervised ceiling (train_supervised);
+    4. measure (measure_augmentation): the share of each augmentation a VAE undoes, the mu shift, the label kept;
     5. report: results.md and results.json (mean +- std over seeds, paired gaps), reconstructions.png, curves.png.
-A first reading may stop at `main`: the machinery after it (run folder, the Ledger that keeps each training loop's
-books and checkpoints, the forecast, errors and signals) changes nothing in the method. A run folder is resumable:
-Ctrl-C saves a checkpoint, and the same command continues it (the Ledger's docstring tells it step by step).
-
-What seeds what (k: a --seeds entry), so that the VAEs of a seed differ only in their augmentation:
-    train/validation split       data.split_validation with SPLIT_SEED: the same for every k
-    VAE weights                  torch.manual_seed(k) in new_vae: every VAE of k, the untrained control, the ceiling's
-                                 encoder; it also restarts the global stream that draws eps, alike for every VAE of k
-    stage-1 batch order          Generator(k): every VAE of k and the ceiling
-    augmentation draws           Generator(k + 1): every VAE of k and the ceiling
-    head weights                 torch.manual_seed(k) before make_head: every probe of k and the ceiling's head
-    probe batch order            Generator(k + 2)
-    measurements, pictures       Generator(MEASURE_SEED) draws x_aug, Generator(SAMPLE_SEED) the prior's z
-Which split each stage reads: stage 1 and the ceiling train on train; every epoch stage 1 scores the first
-MEASURE_IMAGES validation images and the ceiling all of them; a probe trains on train, scores train and validation
-every epoch and test once, after its last epoch; the measurements and pictures read the first MEASURE_IMAGES test
-images. Nothing is chosen on the test set.
+A first reading may stop at `main`: the machinery after it changes nothing in the method. Ctrl-C saves a checkpoint,
+and the same command continues the run (the Ledger's docstring tells it step by step). What seeds what, so that the
+VAEs of a seed differ only in their augmentation, and which split each stage reads: README, "Reading order".
 
 Axes: B batch, C channels, H/W height/width, D latent size, K classes.
 """
@@ -86,7 +70,6 @@ OUTPUTS = ("args.json", "results.json", "results.md", "reconstructions.png", "cu
            "seed*/*/probe.pt", "seed*/*/metrics.jsonl", "seed*/*/checkpoint-*.pt")
 CHECKPOINT_FORMAT = 2       # the layout Ledger.save writes; another is refused with one line
 CHECKPOINT_KEYS = {"model", "optimizer", "generators", "torch_rng", "cuda_rng", "loop"}
-MIN_PYTHON = (3, 10)
 MAX_SEED = 2 ** 32 - 1
 
 # -----------------------------------------------------------------------------
@@ -134,12 +117,10 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    # A recipe changes defaults, so it is read on its own first; the real parse then lets explicit flags win.
-    p.set_defaults(**RECIPES[p.parse_known_args(argv)[0].recipe])
+    # The data set and the recipe set defaults, so they are read on their own first; then explicit flags win.
+    first = p.parse_known_args(argv)[0]
+    p.set_defaults(**DEFAULTS[first.dataset] | RECIPES[first.recipe])
     args = p.parse_args(argv)
-    for key, value in DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.augs = parse_augmentations(args.aug)
     args.seed_list = parse_seeds(args.seeds)
     # A list keeps its commas and a mix its '+', so that `crop,rotate` and `crop+rotate` never share a folder.
@@ -177,17 +158,16 @@ def vae_names(args):
 
 def check_args(args):
     """Reject flag values the experiment cannot run with, before any work is done."""
-    for name in ("epochs", "probe_epochs", "latent_dim"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("epochs", "probe_epochs", "latent_dim", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.batch_size < 2:
         fail(f"--batch-size must be at least 2 (BatchNorm needs two images), got {args.batch_size}")
     if args.image_size < 32 or args.image_size % 32:
         fail(f"--image-size must be a positive multiple of 32 (five stride-2 layers), got {args.image_size}")
     if not vae_names(args):
         fail("--no-baseline leaves nothing to train: name an augmentation with --aug")
-    if args.limit is not None and args.limit < 1:
-        fail(f"--limit must be at least 1, got {args.limit}")
     if not (args.lr > 0 and args.probe_lr > 0 and args.beta >= 0):
         fail("--lr and --probe-lr must be positive, --beta non-negative")
     if not 0 <= args.strength < augment.MAX_STRENGTH:
@@ -297,9 +277,8 @@ def train_probe(name, features_name, features, seed, args, session):
 
 
 def train_supervised(seed, args, session):
-    """The ceiling: the VAEs' initial encoder up to mu and the paper's head (started as every probe's head), trained
-    together on SUPERVISED_AUG inputs with the VAEs' optimizer, learning rate, epochs and batch order.
-    -> record (test numbers), per-epoch history"""
+    """The ceiling: the VAEs' initial encoder up to mu and every probe's initial head, trained together on SUPERVISED_AUG
+    inputs with the VAEs' optimizer, learning rate, epochs and batch order. -> record (test numbers), history"""
     encoder = new_vae(seed, args, session.device)
     torch.manual_seed(seed)                                  # the head starts as every probe's head of the seed
     head = probe.make_head(args.latent_dim, session.num_classes)
@@ -344,9 +323,8 @@ def fixed_draw(aug, x, strength):
 
 
 def measure_augmentation(aug, vaes, heads, x, y, strength, autocast):
-    """On the measurement images x, for the baseline and the `aug` VAE: x_hat's error from x and from x_aug, what the
-    augmentation does to mu and to the probe (probe.invariance), and how much of it the `aug` VAE undoes
-    (vae.undone_share: 0 no better than the baseline, 1 as good as from the clean x)."""
+    """On the images x, for the baseline and the `aug` VAE: x_hat's error from x and from x_aug, what x_aug does to mu
+    and to the probe (probe.invariance), and the share of the augmentation the `aug` VAE undoes (vae.undone_share)."""
     x_aug = fixed_draw(aug, x, strength)
     row = {"mse_augmented_input": (x_aug - x).pow(2).mean().item()}
     x_hat = {}
@@ -462,8 +440,7 @@ def write_results(folder, args, records, wall_seconds):
 
 
 def save_trained(folder, seed, result):
-    """seed<k>/<run>/: metrics.jsonl (one line per epoch) for every run, controls included; vae.pt and probe.pt
-    (state_dicts, CPU tensors) for every VAE."""
+    """seed<k>/<run>/: every run's metrics.jsonl (a line per epoch); each VAE's vae.pt and probe.pt (CPU state_dicts)."""
     for name, history in result.histories.items():
         write_file(folder / f"seed{seed}" / name / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     for name, model in result.vaes.items():
@@ -476,7 +453,8 @@ def save_trained(folder, seed, result):
 
 def main(argv=None):
     t_start = time.perf_counter()
-    check_python()
+    if sys.version_info < (3, 10):
+        fail(f"this program needs Python 3.10 or newer; this is {'.'.join(map(str, sys.version_info[:3]))}")
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
@@ -506,15 +484,13 @@ def main(argv=None):
         write_file(folder / "reconstructions.png", data.save_grid(*sheet))
         probe_rows = {name: [row for row in rows if row["stage"] != "vae"] for name, rows in pictured.histories.items()}
         write_file(folder / "curves.png", probe.draw_curves(probe_rows))
-        print(f"wrote {folder}/: results.md, results.json, reconstructions.png, curves.png, "
-              f"seed*/<run>/ (metrics.jsonl, checkpoints; vae.pt and probe.pt for each VAE)")
+        print(f"wrote {folder}/: results.md, results.json, reconstructions.png, curves.png, seed*/<run>/", flush=True)
         if STOP.is_set():                           # a signal while the report was written let it finish
             print("stopped by a signal after the report was written; the run is complete", file=sys.stderr)
             raise SystemExit(130)
 
 # -----------------------------------------------------------------------------
-# Machinery: the run folder and its files, the Ledger that keeps each loop's books, the forecast, the device,
-# errors and signals
+# Machinery: the run folder and its files, the Ledger that keeps each loop's books, the forecast, errors and signals
 
 
 class Session(NamedTuple):
@@ -534,18 +510,19 @@ def start_session(args, folder, device, splits, num_classes):
     graphed = args.cuda_graph and device.type == "cuda"
     autocast = vae.autocast_context(device, args.precision)
     session = Session(folder, device, autocast, graphed, splits, num_classes, forecast)
-    left = {kind for key, (kind, _, _) in forecast.loops.items() if forecast.left[key]}     # the work still to do
+    left = {kind for kind, units in forecast.left.items() if units}      # the kinds of work still to do
     forecast.rate = time_trials(session, args, left)
-    forecast.announce(slow=args.image_size > 32 or args.epochs > 10)
+    trial = f" ({forecast.rate['vae step'] * 1000:.0f} ms per stage-1 step in a trial)" if "vae step" in left else ""
+    print(f"forecast: the whole command needs about {format_seconds(forecast.seconds_left())} more on this "
+          f"machine{trial}; the ETA follows each finished epoch", flush=True)
     return session
 
 
 @contextlib.contextmanager
 def run_folder(args):
-    """Hold the run folder (a lock: one process works in it at a time), then decide whether to start over, continue or
-    refuse. --overwrite deletes every file runs write there (OUTPUTS) and the run folders left empty, nothing else.
-    A folder holds a run once a checkpoint exists: the same command continues it (finished loops are skipped), more
-    --aug or --seeds extend it, other SETTINGS than its args.json's are refused; auto precision takes the saved one."""
+    """Lock the run folder (one process works in it at a time), then start over, continue or refuse. --overwrite
+    deletes the files runs write (OUTPUTS) and the run folders left empty. Once a checkpoint exists, the same command
+    continues the run, more --aug or --seeds extend it, other SETTINGS than args.json's are refused."""
     folder = Path(args.out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -577,7 +554,7 @@ def run_folder(args):
             except (OSError, ValueError, TypeError, KeyError) as error:
                 fail(f"{path} is missing, damaged or written by another version of main.py ({type(error).__name__}):"
                      f" the run in {folder} cannot continue without it; use another --out, or --overwrite to start over")
-            args.precision = saved["precision"] if args.precision == "auto" else args.precision
+            args.precision = saved["precision"] if args.precision == "auto" else args.precision    # the run's own
             differ = [f"--{key.replace('_', '-')} {value} (asked: {getattr(args, key)})"
                       for key, value in saved.items() if value != getattr(args, key)]
             if differ:
@@ -587,10 +564,8 @@ def run_folder(args):
 
 
 def write_file(path, content):
-    """Write content in the format the name says (.pt with torch.save, .png as PNG, .json as JSON, else text), durably
-    and atomically (data.write_atomically: a temporary file of its own, fsynced, then renamed), so a crash, a full
-    disk or a second writer never leaves a torn file. A failure is one line and status 2; the old file is kept."""
-    path = Path(path)
+    """Write content as the name says (.pt torch.save, .png PNG, .json JSON, else text) with data.write_atomically, so
+    a crash, a full disk or a second writer never leaves a torn file; a failure is one line, the old file kept."""
     buffer = io.BytesIO()                       # serialized whole first: torch.save on a full disk is no OSError
     if path.suffix == ".pt":
         torch.save(content, buffer)
@@ -606,8 +581,7 @@ def write_file(path, content):
 
 
 def code_version():
-    """Which code wrote the numbers: a hash of the five files, and the git commit when run from a checkout (marked
-    '+changes' when those files differ from it)."""
+    """Which code wrote the numbers: a hash of the five files; the git commit, '+changes' if they differ from it."""
     here = Path(__file__).resolve().parent
     files = [f"{name}.py" for name in ("data", "augment", "vae", "probe", "main")]
     digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in files)).hexdigest()[:12]
@@ -647,18 +621,17 @@ class Ledger:
 
     Stop and continue, step by step (stage 1 and the ceiling; a probe stops at the end of its epoch):
     1. Ctrl-C or SIGTERM only sets STOP (stop_between_steps); the step under way finishes.
-    2. `add`, after that step, sees STOP: it puts the batch-order generator (generators[0]) back where it stood when
-       the epoch began, leaves the augmentation generator and the global stream (eps) where the step left them,
-       saves the checkpoint (weights, Adam, generators, random states, epoch, step, sums) and raises Interrupted;
-       `main` prints the command to continue with (the same, without --overwrite) and exits with status 130.
+    2. `add` sees STOP: it puts the batch-order generator (generators[0]) back where it stood when the epoch began,
+       leaves the augmentation generator and the global stream (eps) as they are, saves the checkpoint (weights, Adam,
+       generators, random states, epoch, step, sums), then raises KeyboardInterrupt; `main` prints how to continue.
     3. That command: a new Ledger loads the checkpoint into the fresh model, optimizer and generators.
-    4. The loop's epoch draws the same batch order as before the stop and skips the `step` batches already trained
-       (data.shuffled_batches(skip=ledger.step)); the augmentations and eps go on where they stopped. So the run
-       trains exactly the steps an uninterrupted one would: on the CPU, to the same bits (tested)."""
+    4. The epoch draws the same batch order again and skips the `step` batches done (shuffled_batches(skip=step));
+       augmentations and eps go on where they stopped: the steps of an uninterrupted run, on the CPU to the bit."""
 
     def __init__(self, session, key, model, optimizer, generators, epochs, title, parts, hint):
-        self.session = session
-        self.key = key
+        assert key in session.forecast.loops, f"{key} runs, but planned_loops does not count it: the forecast misses it"
+        self.forecast = session.forecast
+        self.kind, _, self.steps = session.forecast.loops[key]          # steps: per epoch
         self.model = model
         self.optimizer = optimizer
         self.generators = generators
@@ -674,7 +647,6 @@ class Ledger:
         self.sums = loop["sums"]
         self.history = loop["history"]
         self.seconds = loop["seconds"]
-        self.steps = session.forecast.at(key, self.epoch, self.step)     # per epoch
 
     def epochs(self):
         """The epochs still to train, numbered from 0; each notes the batch order's state and starts the clock."""
@@ -688,15 +660,15 @@ class Ledger:
         """Count one step's [loss, ...], a tensor on the device; print a progress line when due; stop on a signal."""
         self.sums = parts if self.sums is None else self.sums + parts
         self.step += 1
-        if self.session.forecast.due() or STOP.is_set():         # reading the sums waits for the device: only now and then
+        if self.forecast.due() or STOP.is_set():         # reading the sums waits for the device: only now and then
             means = ", ".join(f"{name} {value:.1f}" for name, value in zip(self.parts, self.means()))
-            self.session.forecast.print(f"{self.title} epoch {self.epoch + 1}/{self.epochs_total} step {self.step}/"
-                                        f"{self.steps} {means}")
+            self.forecast.print(f"{self.title} epoch {self.epoch + 1}/{self.epochs_total} "
+                                f"step {self.step}/{self.steps} {means}")
         if STOP.is_set():
             self.seconds += time.perf_counter() - self.t_start
             self.generators[0].set_state(self.order_state)
             self.save()
-            raise Interrupted
+            raise KeyboardInterrupt
 
     def means(self):
         """The epoch's means so far of what `add` summed (this waits for the device), the loss checked."""
@@ -713,12 +685,12 @@ class Ledger:
         self.step = 0
         self.sums = None
         self.seconds += seconds
-        self.session.forecast.epoch_done(self.key, self.epoch, seconds, self.steps - self.first_step)
+        self.forecast.epoch_done(self.kind, seconds, self.steps - self.first_step)
         self.save()
-        self.session.forecast.print(f"{self.title} epoch {self.epoch}/{self.epochs_total} {line}",
-                                    force=every_epoch or self.epoch == self.epochs_total)
+        self.forecast.print(f"{self.title} epoch {self.epoch}/{self.epochs_total} {line}",
+                            force=every_epoch or self.epoch == self.epochs_total)
         if STOP.is_set():
-            raise Interrupted
+            raise KeyboardInterrupt
 
     def check_finite(self, loss, where):
         """A NaN or infinite loss stops the run with status 3; the last checkpoint (the previous epoch's) is kept."""
@@ -752,9 +724,8 @@ class Ledger:
 
 
 def planned_loops(args, train_images):
-    """Every training loop the command runs, keyed as its checkpoint is: {(seed, run, part): (kind, epochs, units per
-    epoch)}, a unit being a step of stage 1 or the ceiling, an epoch of a probe. A test checks that these are exactly
-    the checkpoints a run writes."""
+    """Every training loop the command runs, keyed as its checkpoint: {(seed, run, part): (kind, epochs, units per
+    epoch)}, a unit being a step of stage 1 or the ceiling, an epoch of a probe (tested against a run's checkpoints)."""
     steps = train_images // args.batch_size
     loops = {}
     for seed in args.seed_list:
@@ -769,48 +740,32 @@ def planned_loops(args, train_images):
 
 
 class Forecast:
-    """How long the command still needs: the units left in every planned loop (fewer where a checkpoint in the folder
-    says they are done), each at the seconds a unit of its kind took in a short trial, then the mean of every unit of
-    that kind measured so far. It also paces the progress lines."""
+    """How long the command still needs: per kind of work, the planned units the checkpoints do not count as done, at
+    the seconds per unit of a short trial, then of all units of that kind measured. It also paces the progress lines."""
 
     def __init__(self, loops, folder, log_every):
         self.loops = loops
-        self.left = {}
-        for key in loops:                     # what the folder's checkpoints say is done, as the Ledgers will find it
+        self.left = {}                        # kind -> units still to do
+        for key, (kind, epochs, per_epoch) in loops.items():
             saved = read_checkpoint(checkpoint_path(folder, key), mmap=True) or {"loop": {"epoch": 0, "step": 0}}
-            self.at(key, saved["loop"]["epoch"], saved["loop"]["step"])
+            done = saved["loop"]["epoch"] * per_epoch + saved["loop"]["step"]     # as the loop's Ledger will find it
+            self.left[kind] = self.left.get(kind, 0) + epochs * per_epoch - done
         self.rate = {}                        # kind -> seconds per unit: the trial's, then the mean measured
         self.spent = {}                       # kind -> [seconds, units] measured so far
         self.log_every = log_every
         self.last_line = time.perf_counter()
 
-    def at(self, key, epoch, step):
-        """Loop `key` stands after `epoch` epochs and `step` steps. -> its units per epoch"""
-        assert key in self.loops, f"{key} runs, but planned_loops does not count it: the forecast would miss it"
-        _, epochs, per_epoch = self.loops[key]
-        self.left[key] = (epochs - epoch) * per_epoch - step
-        return per_epoch
-
-    def epoch_done(self, key, epoch, seconds, units):
-        """Loop `key` finished epoch `epoch`, `units` units of it (the rest was done before a stop) in `seconds`."""
-        self.at(key, epoch, 0)
-        spent = self.spent.setdefault(self.loops[key][0], [0.0, 0])
+    def epoch_done(self, kind, seconds, units):
+        """An epoch of work of `kind` ended: `units` units of it (the rest was done before a stop) in `seconds`."""
+        self.left[kind] -= units
+        spent = self.spent.setdefault(kind, [0.0, 0])
         spent[0] += seconds
         spent[1] += units
         if spent[1]:
-            self.rate[self.loops[key][0]] = spent[0] / spent[1]
+            self.rate[kind] = spent[0] / spent[1]
 
     def seconds_left(self):
-        return sum(left * self.rate[self.loops[key][0]] for key, left in self.left.items() if left)
-
-    def announce(self, slow):
-        trial = f"{self.rate['vae step'] * 1000:.0f} ms per stage-1 step in a short trial; " if "vae step" in self.rate \
-            else ""
-        print(f"forecast: the whole command needs about {format_seconds(self.seconds_left())} more on this machine "
-              f"({trial}the ETA follows each finished epoch)", flush=True)
-        if self.seconds_left() > 3600 and slow:
-            print("forecast: --image-size 32 --epochs 10 makes the same comparison in a fraction of this (README, "
-                  "First steps)", flush=True)
+        return sum(units * self.rate[kind] for kind, units in self.left.items() if units)
 
     def due(self):
         return time.perf_counter() - self.last_line >= self.log_every
@@ -822,9 +777,8 @@ class Forecast:
 
 
 def time_trials(session, args, kinds):
-    """Seconds per unit of each kind of work in `kinds`, on throwaway networks and the first training images: the mean
-    of three units after one untimed (a probe epoch timed on an eighth of the images, scaled up). The run's random
-    streams are untouched (fork_rng, a fresh generator)."""
+    """Seconds per unit of each kind in `kinds`: the mean of three on throwaway networks and the first training images,
+    after one untimed (a probe epoch on an eighth of the images, scaled up). The run's random streams are untouched."""
     x_train, y_train = session.splits["train"]
     x_uint8, y = x_train[:args.batch_size], y_train[:args.batch_size]
     rows = min(len(y_train), max(len(y_train) // 8, 2 * args.batch_size))
@@ -837,13 +791,12 @@ def time_trials(session, args, kinds):
                         probe.evaluate(head, features, y_train[:rows]))
     seconds = {}
     with torch.random.fork_rng(devices=[session.device] if session.device.type == "cuda" else []):
-        model = vae.VAE(args.latent_dim, args.image_size).to(session.device, memory_format=torch.channels_last)
-        network = probe.Supervised(model, probe.make_head(args.latent_dim, session.num_classes).to(session.device))
-        vae_adam = torch.optim.Adam(model.parameters(), lr=args.lr)
-        network_adam = torch.optim.Adam(network.parameters(), lr=args.lr)
-        trials = {"vae step": lambda: vae.train_step(model, vae_adam, *augmented_batch(
+        head = probe.make_head(args.latent_dim, session.num_classes).to(session.device)
+        network = probe.Supervised(new_vae(0, args, session.device), head)    # Adam skips what a step leaves alone
+        adam = torch.optim.Adam(network.parameters(), lr=args.lr)
+        trials = {"vae step": lambda: vae.train_step(network.encoder, adam, *augmented_batch(
                       x_uint8, augment.crop, args.strength, generator), args.beta, session.autocast),
-                  "supervised step": lambda: probe.supervised_step(network, network_adam, augmented_batch(
+                  "supervised step": lambda: probe.supervised_step(network, adam, augmented_batch(
                       x_uint8, augment.crop, args.strength, generator)[1], y, session.autocast),
                   "probe epoch, mu": probe_epoch(torch.randn(rows, args.latent_dim, device=session.device)),
                   "probe epoch, pixels": probe_epoch(probe.Features(x_train[:rows], lambda x: x.flatten(1)))}
@@ -865,42 +818,32 @@ def format_seconds(seconds):
 STOP = threading.Event()  # set by SIGINT/SIGTERM once training has begun; the Ledger reads it after every step
 
 
-class Interrupted(Exception):
-    """Raised after a checkpoint has been saved in answer to SIGINT/SIGTERM."""
-
-
 def fail(message, status=2):
     """Stop with one clear line on stderr and no traceback: status 2 for usage and input errors."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
 
 
-def check_python(version=sys.version_info):
-    if tuple(version[:2]) < MIN_PYTHON:
-        fail(f"this program needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; this is {version[0]}.{version[1]}")
-
-
 @contextlib.contextmanager
 def exits_cleanly(argv):
-    """Turn a data problem into its message and status 2, a signal into status 130 and the command that continues the
-    run (argv without --overwrite). Until training begins a signal stops at once, with nothing to save; then
-    stop_between_steps takes over. On the way out the signal handlers are restored and STOP is cleared."""
+    """A data problem ends in one line and status 2. A signal ends in status 130: at once before training, with
+    nothing to save; from stop_between_steps on, once a Ledger has saved, with the command that continues the run (argv
+    without --overwrite). On the way out the signal handlers are restored and STOP is cleared."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in handlers:
         signal.signal(sig, signal.default_int_handler)        # raises KeyboardInterrupt, for SIGTERM too
     try:
         yield
     except data.DataError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("\nstopped by a signal before training began; nothing to save", file=sys.stderr)
+        fail(str(error))
+    except KeyboardInterrupt:   # before training, the signal's own; from then on a Ledger's, once it has saved
+        if STOP.is_set():
+            command = shlex.join(["python", "main.py", *[arg for arg in argv if arg != "--overwrite"]])
+            print(f"\nstopped by a signal; the checkpoint is saved. Continue with the same command:\n  {command}",
+                  file=sys.stderr)
+        else:
+            print("\nstopped by a signal before training began; nothing to save", file=sys.stderr)
         raise SystemExit(130)   # 128 + SIGINT, the shell's convention
-    except Interrupted:
-        command = shlex.join(["python", "main.py", *[arg for arg in argv if arg != "--overwrite"]])
-        print(f"\nstopped by a signal; the checkpoint is saved. Continue with the same command:\n  {command}",
-              file=sys.stderr)
-        raise SystemExit(130)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -908,8 +851,7 @@ def exits_cleanly(argv):
 
 
 def stop_between_steps():
-    """From the first training step on, SIGINT/SIGTERM only set STOP: the step finishes and its Ledger saves (see
-    Ledger). A second signal stops at once."""
+    """From now on SIGINT/SIGTERM only set STOP: the step finishes and its Ledger saves; a second stops at once."""
     def request_stop(signum, frame):
         STOP.set()
         signal.signal(signum, signal.SIG_DFL)

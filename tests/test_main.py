@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -458,17 +459,22 @@ def test_the_forecast_counts_exactly_the_loops_a_run_trains(reference_run):
 
 
 def test_the_eta_follows_each_kind_of_work(tmp_path):
-    loops = {(0, "none", "vae"): ("vae step", 4, 10), (0, "none", "probe-mu"): ("probe epoch, mu", 3, 1)}
+    loops = {(0, "none", "vae"): ("vae step", 4, 10), (0, "crop", "vae"): ("vae step", 4, 10),
+             (0, "none", "probe-mu"): ("probe epoch, mu", 3, 1)}
+    saved = dict.fromkeys(main.CHECKPOINT_KEYS) | {"format": main.CHECKPOINT_FORMAT, "loop": {"epoch": 1, "step": 4}}
+    (tmp_path / "seed0" / "none").mkdir(parents=True)
+    torch.save(saved, main.checkpoint_path(tmp_path, (0, "none", "vae")))     # continued: 1 epoch and 4 steps done
     forecast = main.Forecast(loops, tmp_path, 100)
+    assert forecast.left == {"vae step": 26 + 40, "probe epoch, mu": 3}
     forecast.rate = {"vae step": 0.1, "probe epoch, mu": 2.0}                # the trials'
-    assert forecast.at((0, "none", "vae"), 1, 4) == 10                       # continued: 1 epoch and 4 steps done
-    assert forecast.seconds_left() == pytest.approx(26 * 0.1 + 3 * 2.0)
-    forecast.epoch_done((0, "none", "vae"), 2, 1.8, 6)                       # its last 6 steps took 0.3 s each
-    assert forecast.seconds_left() == pytest.approx(20 * 0.3 + 3 * 2.0)
-    forecast.epoch_done((0, "none", "vae"), 3, 1.0, 10)                      # then 0.1 s: 2.8 s for 16 on average
-    assert forecast.seconds_left() == pytest.approx(10 * 2.8 / 16 + 3 * 2.0)
+    assert forecast.seconds_left() == pytest.approx(66 * 0.1 + 3 * 2.0)
+    forecast.epoch_done("vae step", 1.8, 6)                                  # the last 6 steps took 0.3 s each
+    assert forecast.seconds_left() == pytest.approx(60 * 0.3 + 3 * 2.0)
+    forecast.epoch_done("vae step", 1.0, 10)                                 # then 0.1 s: 2.8 s for 16 on average
+    assert forecast.seconds_left() == pytest.approx(50 * 2.8 / 16 + 3 * 2.0)
+    session = types.SimpleNamespace(folder=tmp_path, forecast=forecast)
     with pytest.raises(AssertionError, match="planned_loops does not count it"):
-        forecast.at((0, "pixels", "probe-standardized"), 0, 0)
+        main.Ledger(session, (0, "pixels", "probe-standardized"), None, None, [], 3, "", ("loss",), "")
 
 
 def test_the_trials_time_only_the_work_left(tmp_path, monkeypatch):
@@ -479,8 +485,9 @@ def test_the_trials_time_only_the_work_left(tmp_path, monkeypatch):
     command = [*TINY, "--epochs", "1", "--probe-epochs", "1", "--out", str(tmp_path / "run")]
     main.main([*command, "--no-baseline"])
     main.main(command)                                                        # the crop VAE is done: the rest is timed
+    main.main(command)                                                        # all done: nothing is
     assert timed == [{"vae step", "probe epoch, mu"}, {"vae step", "probe epoch, mu", "probe epoch, pixels",
-                                                       "supervised step"}]
+                                                       "supervised step"}, set()]
 
 
 def test_results_name_the_code_that_wrote_them(reference_run):
