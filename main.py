@@ -221,7 +221,7 @@ def train_vae(name, seed, args, session):
     x_train, y_train = session.splits["train"]
     x_val = data.to_float(session.splits["val"][0][:MEASURE_IMAGES])         # (N, 3, H, W), scored every epoch
     x_val_aug = fixed_draw(name, x_val, args.strength)
-    ledger = Ledger(session, (seed, name, "vae"), model, optimizer, [batch_rng, aug_rng], args.epochs,
+    ledger = Ledger(session, (seed, name, "vae"), model, optimizer, [batch_rng, aug_rng],
                     f"stage 1 [seed {seed}, {name}]", ("loss", "recon", "kl"), "a lower --lr or --precision fp32")
     for epoch in ledger.epochs():
         # Train: the encoder sees the augmented x_aug, the loss scores the reconstruction against the clean x.
@@ -258,7 +258,7 @@ def train_probe(name, features_name, features, seed, args, session):
     head = probe.make_head(features["train"][:1].shape[1], session.num_classes).to(session.device)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.probe_lr)
     order_rng = torch.Generator().manual_seed(seed + 2)
-    ledger = Ledger(session, (seed, name, f"probe-{features_name}"), head, optimizer, [order_rng], args.probe_epochs,
+    ledger = Ledger(session, (seed, name, f"probe-{features_name}"), head, optimizer, [order_rng],
                     f"stage 2 [seed {seed}, {name}, {features_name}]", ("loss",), "a lower --probe-lr")
     for epoch in ledger.epochs():
         probe.train_epoch(head, optimizer, features["train"], labels["train"], args.batch_size, order_rng)
@@ -277,8 +277,8 @@ def train_probe(name, features_name, features, seed, args, session):
 
 
 def train_supervised(seed, args, session):
-    """The ceiling: the VAEs' initial encoder up to mu and every probe's initial head, trained together on SUPERVISED_AUG
-    inputs with the VAEs' optimizer, learning rate, epochs and batch order. -> record (test numbers), history"""
+    """The ceiling: the VAEs' initial encoder up to mu and every probe's initial head, trained together on
+    SUPERVISED_AUG inputs with the VAEs' optimizer, learning rate, epochs and batch order. -> record, history"""
     encoder = new_vae(seed, args, session.device)
     torch.manual_seed(seed)                                  # the head starts as every probe's head of the seed
     head = probe.make_head(args.latent_dim, session.num_classes)
@@ -289,7 +289,7 @@ def train_supervised(seed, args, session):
     augment_fn = augment.by_name(SUPERVISED_AUG)
     x_train, y_train = session.splits["train"]
     images = {split: probe.Features(x, lambda x_float: x_float) for split, (x, _) in session.splits.items()}
-    ledger = Ledger(session, (seed, "supervised", "network"), network, optimizer, [batch_rng, aug_rng], args.epochs,
+    ledger = Ledger(session, (seed, "supervised", "network"), network, optimizer, [batch_rng, aug_rng],
                     f"control [seed {seed}, supervised]", ("loss", "top-1 %", "top-5 %"),
                     "a lower --lr or --precision fp32")
     for epoch in ledger.epochs():
@@ -628,14 +628,14 @@ class Ledger:
     4. The epoch draws the same batch order again and skips the `step` batches done (shuffled_batches(skip=step));
        augmentations and eps go on where they stopped: the steps of an uninterrupted run, on the CPU to the bit."""
 
-    def __init__(self, session, key, model, optimizer, generators, epochs, title, parts, hint):
+    def __init__(self, session, key, model, optimizer, generators, title, parts, hint):
         assert key in session.forecast.loops, f"{key} runs, but planned_loops does not count it: the forecast misses it"
         self.forecast = session.forecast
-        self.kind, _, self.steps = session.forecast.loops[key]          # steps: per epoch
+        self.kind, self.epochs_total, self.steps = session.forecast.loops[key]     # as planned; steps per epoch
+        self.device = session.device
         self.model = model
         self.optimizer = optimizer
         self.generators = generators
-        self.epochs_total = epochs
         self.title = title                      # the loop's own words: its name in progress lines,
         self.parts = parts                      # what each step's tensor holds,
         self.hint = hint                        # and what to try when its loss diverges
@@ -700,17 +700,15 @@ class Ledger:
 
     def save(self):
         """All the loop needs to go on exactly: weights, optimizer, generators, random streams, where it stands."""
-        device = next(self.model.parameters()).device
         write_file(self.path, {
             "format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "generators": [g.get_state() for g in self.generators], "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "loop": {"epoch": self.epoch, "step": self.step, "sums": self.sums, "history": self.history,
                      "seconds": self.seconds}})
 
     def load(self, saved):
         """Put a checkpoint into the live objects, on this run's device. -> where the loop stands"""
-        device = next(self.model.parameters()).device
         self.model.load_state_dict(saved["model"])
         for group in saved["optimizer"]["param_groups"]:
             group["capturable"] = self.optimizer.defaults.get("capturable", False)   # load_state_dict places `step` by it
@@ -718,9 +716,9 @@ class Ledger:
         for generator, generator_state in zip(self.generators, saved["generators"]):
             generator.set_state(generator_state)
         torch.set_rng_state(saved["torch_rng"])
-        if saved["cuda_rng"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        return {key: value.to(device) if torch.is_tensor(value) else value for key, value in saved["loop"].items()}
+        if saved["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+        return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in saved["loop"].items()}
 
 
 def planned_loops(args, train_images):

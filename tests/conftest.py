@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -121,8 +122,9 @@ def restore_signals():
 def ledger_for(folder, model, optimizer, generators=(), hint="a lower --lr"):
     """A Ledger of stage 1's loop (seed 0, 'none': 2 epochs of 10 steps) in `folder`, outside a run."""
     key = (0, "none", "vae")
-    session = types.SimpleNamespace(folder=folder, forecast=main.Forecast({key: ("vae step", 2, 10)}, folder, 100))
-    return main.Ledger(session, key, model, optimizer, list(generators), 2, "stage 1 [seed 0, none]", ("loss",), hint)
+    session = types.SimpleNamespace(folder=folder, forecast=main.Forecast({key: ("vae step", 2, 10)}, folder, 100),
+                                    device=torch.device("cpu"))
+    return main.Ledger(session, key, model, optimizer, list(generators), "stage 1 [seed 0, none]", ("loss",), hint)
 
 
 def continue_command(stderr):

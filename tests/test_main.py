@@ -474,7 +474,7 @@ def test_the_eta_follows_each_kind_of_work(tmp_path):
     assert forecast.seconds_left() == pytest.approx(50 * 2.8 / 16 + 3 * 2.0)
     session = types.SimpleNamespace(folder=tmp_path, forecast=forecast)
     with pytest.raises(AssertionError, match="planned_loops does not count it"):
-        main.Ledger(session, (0, "pixels", "probe-standardized"), None, None, [], 3, "", ("loss",), "")
+        main.Ledger(session, (0, "pixels", "probe-standardized"), None, None, [], "", ("loss",), "")
 
 
 def test_the_trials_time_only_the_work_left(tmp_path, monkeypatch):
