@@ -173,7 +173,8 @@ def test_python_too_old_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(main.sys, "version_info", (3, 9, 18))
     with pytest.raises(SystemExit) as e:
         main.main(["--dataset", "shapes"])
-    assert e.value.code == 2 and capsys.readouterr().err == "error: this program needs Python 3.10 or newer; this is 3.9.18\n"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: this program needs Python 3.10 or newer; this is 3.9.18\n"
 
 
 def test_the_folder_is_locked_before_its_settings_are_read(reference_run, tmp_path):
